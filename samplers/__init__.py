@@ -1,0 +1,33 @@
+"""Flow-matching samplers: schedules from scheduler configs, ODE/SDE steps with log-probs, rollouts."""
+
+from flowgrpo.samplers.rollout import Trajectory, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory
+from flowgrpo.samplers.schedules import calculate_shift, flow_sigmas, timesteps_from_sigmas
+from flowgrpo.samplers.steps import (
+    SDE_STEPS,
+    cps_mean_std,
+    dance_grpo_mean_std,
+    flow_grpo_mean_std,
+    gaussian_log_prob,
+    ode_step,
+    sde_log_prob,
+    sde_step,
+)
+
+__all__ = [
+    "SDE_STEPS",
+    "Trajectory",
+    "calculate_shift",
+    "cps_mean_std",
+    "dance_grpo_mean_std",
+    "dance_train_steps",
+    "flow_grpo_mean_std",
+    "flow_sigmas",
+    "gaussian_log_prob",
+    "group_noise",
+    "mixgrpo_window",
+    "ode_step",
+    "sample_trajectory",
+    "sde_log_prob",
+    "sde_step",
+    "timesteps_from_sigmas",
+]
