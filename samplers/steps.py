@@ -1,0 +1,211 @@
+"""One sampling step of a flow-matching model: the ODE (Euler) step and the SDE steps GRPO explores with.
+
+Convention: x_t = (1 - t) x0 + t eps, the model predicts v ~ eps - x0, sampling runs t (= sigma) from 1
+to 0, so dt = sigma_next - sigma < 0. Each SDE kind is a Gaussian transition
+x_next ~ N(mean, std^2) given by a pure ``mean_std`` function; at noise level 0 every kind reduces to
+the Euler step. ``gaussian_log_prob`` is the one log-density used both when sampling and when the
+trainer recomputes log-probs from stored (x, x_next) pairs.
+
+``sigma`` / ``sigma_next`` may be Python floats, 0-d tensors or per-sample ``[B]`` tensors. Maths runs in
+x's dtype, upcast to at least float32 (bf16 overflows in the mean), like Flow-GRPO.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SDE_STEPS",
+    "cps_mean_std",
+    "dance_grpo_mean_std",
+    "flow_grpo_mean_std",
+    "gaussian_log_prob",
+    "ode_step",
+    "sde_log_prob",
+    "sde_step",
+]
+
+MeanStd = Callable[..., tuple[Tensor, Tensor]]
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _prepare(x: Tensor, v: Tensor, sigma, sigma_next) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Upcast x, v and shape the sigmas so they broadcast against x (``[B]`` -> ``[B, 1, ...]``)."""
+    if x.shape != v.shape:
+        raise ValueError(f"x and v must have the same shape, got {tuple(x.shape)} and {tuple(v.shape)}")
+    dtype = torch.promote_types(torch.promote_types(x.dtype, v.dtype), torch.float32)
+    x, v = x.to(dtype), v.to(dtype)
+
+    def column(s) -> Tensor:
+        s = torch.as_tensor(s, dtype=dtype, device=x.device)
+        if s.ndim == 0:
+            return s
+        if s.ndim == 1 and x.ndim >= 1 and s.shape[0] == x.shape[0]:
+            return s.view(-1, *([1] * (x.ndim - 1)))
+        raise ValueError(f"sigma must be a scalar or a [B] tensor with B={x.shape[0] if x.ndim else 0}, got {tuple(s.shape)}")
+
+    return x, v, column(sigma), column(sigma_next)
+
+
+def _check_noise_level(noise_level: float, upper: float | None = None) -> float:
+    level = float(noise_level)
+    if not (level >= 0 and math.isfinite(level)) or (upper is not None and level > upper):
+        bound = f"[0, {upper}]" if upper is not None else ">= 0 and finite"
+        raise ValueError(f"noise_level must be {bound}, got {noise_level!r}")
+    return level
+
+
+def ode_step(x: Tensor, v: Tensor, sigma, sigma_next) -> Tensor:
+    """Euler step of the probability-flow ODE: ``x + v * (sigma_next - sigma)``."""
+    x, v, s, s_next = _prepare(x, v, sigma, sigma_next)
+    return x + (s_next - s) * v
+
+
+def _drift_mean(x: Tensor, v: Tensor, s: Tensor, dt: Tensor, sigma_t: Tensor) -> Tensor:
+    # Euler-Maruyama mean of the reverse SDE with diffusion sigma_t whose marginals match the ODE's:
+    # the score of x_t is -(x + (1 - t) v) / t, folded into the x and v coefficients.
+    return x * (1 + sigma_t**2 / (2 * s) * dt) + v * (1 + sigma_t**2 * (1 - s) / (2 * s)) * dt
+
+
+def flow_grpo_mean_std(
+    x: Tensor, v: Tensor, sigma, sigma_next, noise_level: float, *, sigma_max: float
+) -> tuple[Tensor, Tensor]:
+    """Flow-GRPO SDE step: sigma_t = a * sqrt(t / (1 - t)), std = sigma_t * sqrt(-dt).
+
+    At t = 1 the denominator 1 - t is replaced by ``1 - sigma_max`` (pass ``sigma_max = sigmas[1]``),
+    Flow-GRPO's clamp; then the first step's std is exactly ``a * sqrt(-dt / (1 - sigma_max))``.
+    Needs sigma in (0, 1]; the last step (sigma_next = 0) is well defined.
+    """
+    level = _check_noise_level(noise_level)
+    sigma_max = float(sigma_max)
+    if not 0 <= sigma_max < 1:
+        raise ValueError(f"sigma_max (sigmas[1]) must be in [0, 1), got {sigma_max}")
+    x, v, s, s_next = _prepare(x, v, sigma, sigma_next)
+    dt = s_next - s
+    one_minus = 1 - torch.where(s == 1, torch.full_like(s, sigma_max), s)
+    sigma_t = level * torch.sqrt(s / one_minus)
+    return _drift_mean(x, v, s, dt, sigma_t), sigma_t * torch.sqrt(-dt)
+
+
+def dance_grpo_mean_std(
+    x: Tensor, v: Tensor, sigma, sigma_next, noise_level: float, *, sigma_max: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """DanceGRPO SDE step: the Flow-GRPO mean with a constant sigma_t = eta (``noise_level``).
+
+    ``sigma_max`` is accepted for a uniform signature and unused.
+    """
+    level = _check_noise_level(noise_level)
+    x, v, s, s_next = _prepare(x, v, sigma, sigma_next)
+    dt = s_next - s
+    sigma_t = torch.full_like(s, level)
+    return _drift_mean(x, v, s, dt, sigma_t), sigma_t * torch.sqrt(-dt)
+
+
+def cps_mean_std(
+    x: Tensor, v: Tensor, sigma, sigma_next, noise_level: float, *, sigma_max: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Coefficients-preserving step (Flow-CPS, Flow-GRPO's ``sde_type="cps"``).
+
+    Re-noises the predicted endpoints so x_next keeps the forward process's coefficients at sigma_next:
+    std = sigma_next * sin(noise_level * pi / 2), mean = x0_hat (1 - sigma_next) + x1_hat sqrt(sigma_next^2 - std^2)
+    with x0_hat = x - sigma v and x1_hat = x + (1 - sigma) v. noise_level must be in [0, 1]; the step to
+    sigma_next = 0 has std 0 (deterministic). ``sigma_max`` is unused.
+    """
+    level = _check_noise_level(noise_level, upper=1.0)
+    x, v, s, s_next = _prepare(x, v, sigma, sigma_next)
+    std = s_next * math.sin(level * math.pi / 2)
+    x0_hat = x - s * v
+    x1_hat = x + (1 - s) * v
+    mean = x0_hat * (1 - s_next) + x1_hat * torch.sqrt((s_next**2 - std**2).clamp_min(0))
+    return mean, std
+
+
+SDE_STEPS: dict[str, MeanStd] = {
+    "flow_grpo": flow_grpo_mean_std,
+    "dance": dance_grpo_mean_std,
+    "cps": cps_mean_std,
+}
+
+
+def _mean_std_fn(kind: str) -> MeanStd:
+    try:
+        return SDE_STEPS[kind]
+    except KeyError:
+        raise ValueError(f"unknown SDE kind {kind!r}; choose one of {sorted(SDE_STEPS)}") from None
+
+
+def sde_step(
+    kind: str,
+    x: Tensor,
+    v: Tensor,
+    sigma,
+    sigma_next,
+    noise_level: float,
+    *,
+    sigma_max: float,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One SDE step ``x_next = mean + std * noise``; returns ``(x_next, mean, std)``.
+
+    Give exactly one source of randomness: ``noise`` (x's shape) or ``generator`` (standard normal drawn
+    in the step's compute dtype on x's device).
+    """
+    mean, std = _mean_std_fn(kind)(x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max)
+    if (noise is None) == (generator is None):
+        raise ValueError("pass exactly one of generator= or noise=")
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    elif noise.shape != mean.shape:
+        raise ValueError(f"noise must have x's shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
+    return mean + std * noise.to(mean.dtype), mean, std
+
+
+def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
+    """log N(x_next; mean, std^2) averaged over all non-batch elements -> ``[B]``.
+
+    ``std`` is a scalar or broadcasts to x_next's shape (e.g. ``[B, 1, ...]``). A zero std (noise level 0,
+    or the CPS step to sigma 0) is a deterministic step without a density: that raises ValueError
+    rather than returning inf/NaN; treat such steps as ODE steps.
+    """
+    if x_next.shape != mean.shape:
+        raise ValueError(f"x_next and mean must have the same shape, got {tuple(x_next.shape)} and {tuple(mean.shape)}")
+    if x_next.ndim < 1:
+        raise ValueError("x_next needs a batch dimension")
+    dtype = torch.promote_types(torch.promote_types(x_next.dtype, mean.dtype), torch.float32)
+    std = torch.as_tensor(std, dtype=dtype, device=x_next.device)
+    try:
+        fits = torch.broadcast_shapes(std.shape, x_next.shape) == x_next.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"std of shape {tuple(std.shape)} does not broadcast to {tuple(x_next.shape)}")
+    if not bool((std > 0).all()):
+        raise ValueError("std must be > 0: a zero-std step is deterministic and has no log-density")
+    diff = x_next.to(dtype) - mean.to(dtype)
+    log_prob = -(diff**2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
+    return log_prob.mean(dim=tuple(range(1, x_next.ndim))) if x_next.ndim > 1 else log_prob
+
+
+def sde_log_prob(
+    kind: str,
+    x: Tensor,
+    v: Tensor,
+    x_next: Tensor,
+    sigma,
+    sigma_next,
+    noise_level: float,
+    *,
+    sigma_max: float,
+) -> Tensor:
+    """Log-prob ``[B]`` of a stored transition x -> x_next under the step the velocity ``v`` implies.
+
+    This is what the trainer calls with the current policy's v; with the sampling-time v it returns
+    the log-probs recorded at sampling.
+    """
+    mean, std = _mean_std_fn(kind)(x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max)
+    return gaussian_log_prob(x_next, mean, std)
