@@ -1,0 +1,32 @@
+"""Batches of rendered Shapes images with their prompts, for pretraining and probes."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flowgrpo.shapes import world as W
+from flowgrpo.shapes.render import render
+
+
+def tag_balanced_indices(entries: list[dict], n: int, rng: np.random.Generator) -> np.ndarray:
+    """n entry indices: a uniform tag, then a uniform entry of that tag."""
+    by_tag = [np.array([i for i, e in enumerate(entries) if e["tag"] == t]) for t in W.TAGS]
+    by_tag = [ix for ix in by_tag if len(ix)]
+    tags = rng.integers(len(by_tag), size=n)
+    return np.array([by_tag[t][rng.integers(len(by_tag[t]))] for t in tags])
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, 3] images -> float [B, 3, H, W] in [-1, 1] (the VAE's pixel range)."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> list[np.ndarray]:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [H, W, 3] images."""
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return list(x.permute(0, 2, 3, 1).cpu().numpy())
+
+
+def render_batch(entries: list[dict], idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    return images_to_tensor([render(entries[i], rng) for i in idx])

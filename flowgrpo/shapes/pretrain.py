@@ -1,0 +1,153 @@
+"""Pretrain the Shapes base model: flow matching on rendered images, frozen text encoders and VAE."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from flowgrpo.prompts.shapes import load_split
+from flowgrpo.samplers.schedules import flow_sigmas
+from flowgrpo.shapes import world as W
+from flowgrpo.shapes.data import render_batch, tag_balanced_indices, tensor_to_images
+from flowgrpo.shapes.model import LATENT_SCALE, TransformerSpec, build_pipeline, encode_prompts
+from flowgrpo.shapes.sampling import conditioning_probe, ode_sample, summarize
+from flowgrpo.shapes.verify import verify
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    out: str = "runs/shapes-pretrain"
+    steps: int = 12000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    min_lr_ratio: float = 0.1
+    ema: float = 0.999
+    cond_dropout: float = 0.1
+    seed: int = 0
+    patch_size: int = 4
+    num_layers: int = 4
+    head_dim: int = 32
+    heads: int = 4
+    eval_every: int = 1000
+    eval_per_tag: int = 16
+    eval_steps: int = 20
+    eval_cfg: float = 3.0
+    threads: int = 2
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def quick_eval(transformer, cache, neg, test: list[dict], cfg: PretrainConfig, steps: int, guidance: float,
+               per_tag: int, seed: int = 0) -> dict:
+    """Accuracy on the first `per_tag` test entries of every tag, one image each."""
+    picked = [e for tag in W.TAGS for e in [x for x in test if x["tag"] == tag][:per_tag]]
+    embeds = torch.cat([cache[e["prompt"]][0] for e in picked])
+    pooled = torch.cat([cache[e["prompt"]][1] for e in picked])
+    sig = flow_sigmas({"num_train_timesteps": 1000, "shift": 1.0}, steps)
+    lat = ode_sample(transformer, embeds, pooled, *neg, sigmas=sig, cfg=guidance,
+                     generator=torch.Generator().manual_seed(seed), latent_shape=(3, W.IMAGE_SIZE, W.IMAGE_SIZE))
+    images = tensor_to_images(lat / LATENT_SCALE)
+    passed, malformed, empty = defaultdict(list), 0, 0
+    for e, img in zip(picked, images):
+        v = verify(img, e)
+        passed[e["tag"]].append(v.passed)
+        malformed += v.malformed > 0
+        empty += len(v.detections) == 0
+    out = summarize(passed)
+    out.update(malformed=malformed / len(picked), empty=empty / len(picked))
+    return out
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = TransformerSpec(cfg.patch_size, cfg.num_layers, cfg.head_dim, cfg.heads)
+    pipe = build_pipeline(spec, seed=cfg.seed)
+    train, test = load_split("train"), load_split("test")
+    prompts = sorted({e["prompt"] for e in train + test} | {""})
+    e_all, p_all = encode_prompts(pipe, prompts)
+    cache = {p: (e_all[i : i + 1], p_all[i : i + 1]) for i, p in enumerate(prompts)}
+    neg = cache[""]
+    train_embeds = torch.cat([cache[e["prompt"]][0] for e in train])
+    train_pooled = torch.cat([cache[e["prompt"]][1] for e in train])
+
+    model = pipe.transformer.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    probe_rng = np.random.default_rng(10_000 + cfg.seed)
+    probe_idx = tag_balanced_indices(train, 256, probe_rng)
+    probe_lat = render_batch(train, probe_idx, probe_rng) * LATENT_SCALE
+    log = open(out / "log.jsonl", "a")
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="pretrain", mininterval=5)
+    for step in bar:
+        idx = tag_balanced_indices(train, cfg.batch_size, rng)
+        x0 = render_batch(train, idx, rng) * LATENT_SCALE
+        embeds, pooled = train_embeds[idx].clone(), train_pooled[idx].clone()
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
+        embeds[drop], pooled[drop] = neg[0], neg[1]
+        t = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen))  # logit-normal: crisper shapes
+        noise = torch.randn(x0.shape, generator=gen)
+        tb = t.view(-1, 1, 1, 1)
+        x_t = (1 - tb) * x0 + tb * noise
+        v = model(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                  timestep=t * 1000.0, return_dict=False)[0]
+        loss = (v - (noise - x0)).pow(2).mean()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            probe_e = torch.cat([cache[train[i]["prompt"]][0] for i in probe_idx])
+            probe_p = torch.cat([cache[train[i]["prompt"]][1] for i in probe_idx])
+            record = {"step": step + 1, "minutes": (time.time() - start) / 60, "loss": loss.item()}
+            for t_probe in (0.5, 0.9):
+                record[f"probe_t{t_probe}"] = conditioning_probe(ema, probe_lat, probe_e, probe_p, t=t_probe)
+            record["eval"] = quick_eval(ema, cache, neg, test, cfg, cfg.eval_steps, cfg.eval_cfg, cfg.eval_per_tag)
+            print(json.dumps(record), file=log, flush=True)
+            tqdm.write(json.dumps(record))
+            ckpt = out / f"step{step + 1:06d}"
+            pipe.transformer = ema
+            pipe.save_pretrained(ckpt, safe_serialization=True)
+            pipe.transformer = model
+            (ckpt / "flowgrpo_pretrain.json").write_text(json.dumps({"config": asdict(cfg), "record": record}, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for name, field in PretrainConfig.__dataclass_fields__.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    pretrain(PretrainConfig(**vars(args)))
+
+
+if __name__ == "__main__":
+    main()

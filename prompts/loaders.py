@@ -1,0 +1,91 @@
+"""Prompt files: plain text (one prompt per line), JSONL, GenEval metadata, and the built-in Shapes sets.
+
+Every loader returns GenEval-style dicts with at least a "prompt" key, and fails with an error that
+names the file and line of bad input instead of skipping it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+class PromptFileError(ValueError):
+    """A prompt file is missing or malformed; the message names the file and line."""
+
+
+def _read_lines(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise PromptFileError(f"prompt file not found: {p}")
+    try:
+        return p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{p}: not UTF-8 text ({e})") from e
+
+
+def load_text(path: str | Path) -> list[dict]:
+    """One prompt per line; blank lines and lines starting with '#' are ignored."""
+    out = [{"prompt": line.strip()} for line in _read_lines(path) if line.strip() and not line.lstrip().startswith("#")]
+    if not out:
+        raise PromptFileError(f"{path}: no prompts")
+    return out
+
+
+def load_jsonl(path: str | Path, *, prompt_key: str = "prompt") -> list[dict]:
+    """One JSON object per line, each with a string `prompt_key` (copied to "prompt")."""
+    out = []
+    for n, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{path}:{n}: invalid JSON ({e.msg})") from e
+        if not isinstance(row, dict) or not isinstance(row.get(prompt_key), str) or not row[prompt_key].strip():
+            raise PromptFileError(f"{path}:{n}: expected an object with a non-empty string {prompt_key!r}")
+        out.append({**row, "prompt": row[prompt_key]})
+    if not out:
+        raise PromptFileError(f"{path}: no prompts")
+    return out
+
+
+def _check_geneval(row: dict, where: str) -> None:
+    if row.get("tag") not in GENEVAL_TAGS:
+        raise PromptFileError(f"{where}: tag {row.get('tag')!r} is not one of {GENEVAL_TAGS}")
+    include = row.get("include")
+    if not isinstance(include, list) or not include:
+        raise PromptFileError(f"{where}: 'include' must be a non-empty list")
+    for i, item in enumerate(include + row.get("exclude", [])):
+        if not isinstance(item, dict) or not isinstance(item.get("class"), str):
+            raise PromptFileError(f"{where}: requirement {i} needs a string 'class'")
+        if not isinstance(item.get("count", 1), int) or item.get("count", 1) < 1:
+            raise PromptFileError(f"{where}: requirement {i} has a bad count {item.get('count')!r}")
+        pos = item.get("position")
+        if pos is not None and not (isinstance(pos, list) and len(pos) == 2 and isinstance(pos[1], int)
+                                    and 0 <= pos[1] < len(include)):
+            raise PromptFileError(f"{where}: requirement {i} has a bad position {pos!r}")
+
+
+def load_geneval(path: str | Path) -> list[dict]:
+    """GenEval metadata JSONL: {"tag", "include": [{"class", "count", "color"?, "position"?}], "exclude"?, "prompt"}."""
+    rows = load_jsonl(path)
+    for n, row in enumerate(rows, 1):
+        _check_geneval(row, f"{path}: entry {n}")
+    return rows
+
+
+def load_prompts(source: str) -> list[dict]:
+    """A prompt source by name: 'shapes:train' / 'shapes:test', or a .txt / .jsonl file (GenEval if it has tags)."""
+    if source.startswith("shapes:"):
+        from flowgrpo.prompts.shapes import load_split
+
+        return load_split(source.split(":", 1)[1])
+    if source.endswith(".jsonl"):
+        rows = load_jsonl(source)
+        if all("tag" in r for r in rows):
+            for n, row in enumerate(rows, 1):
+                _check_geneval(row, f"{source}: entry {n}")
+        return rows
+    return load_text(source)
