@@ -1,0 +1,191 @@
+"""Trajectory sampling over the ODE/SDE steps, and the step-selection strategies of the GRPO variants.
+
+- Flow-GRPO: SDE at every step (``sde_mask`` all True, or all but a deterministic last step).
+- DanceGRPO: SDE sampling, but train on a random subset of steps (``dance_train_steps``).
+- MixGRPO: SDE only inside a sliding window of steps, ODE elsewhere (``mixgrpo_window``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob, ode_step, sde_step
+
+__all__ = ["Trajectory", "dance_train_steps", "group_noise", "mixgrpo_window", "sample_trajectory"]
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Trajectory:
+    """A sampled trajectory; everything the trainer needs to recompute log-probs.
+
+    Attributes:
+        latents: ``[B, T + 1, ...]`` x at every sigma (``latents[:, 0]`` is the initial noise, ``[:, -1]`` the sample).
+        log_probs: ``[B, T]`` log-prob of each SDE transition; 0 at ODE steps (never NaN).
+        sde_mask: ``[T]`` bool, True where the step was stochastic (the only steps with a log-prob to train on).
+        sigmas: ``[T + 1]`` the schedule.
+        kind: SDE kind (key of ``SDE_STEPS``) used at the SDE steps.
+        noise_level: the SDE noise level used.
+    """
+
+    latents: Tensor
+    log_probs: Tensor
+    sde_mask: Tensor
+    sigmas: Tensor
+    kind: str
+    noise_level: float
+
+    @property
+    def sigma_max(self) -> float:
+        """``sigmas[1]``, the value Flow-GRPO's step clamps 1 - t with at t = 1."""
+        return float(self.sigmas[1])
+
+
+def _check_sigmas(sigmas: Tensor) -> None:
+    if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2 or not sigmas.is_floating_point():
+        raise ValueError("sigmas must be a 1-D float tensor of length num_steps + 1 >= 2")
+    if sigmas[-1] != 0 or sigmas[0] > 1 or not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError("sigmas must decrease strictly from at most 1 down to exactly 0")
+
+
+def sample_trajectory(
+    velocity_fn: VelocityFn,
+    x_init: Tensor,
+    sigmas: Tensor,
+    *,
+    sde_mask: Tensor,
+    kind: str = "flow_grpo",
+    noise_level: float = 0.7,
+    generator: torch.Generator | None,
+) -> Trajectory:
+    """Integrate from ``x_init`` (at ``sigmas[0]``) to ``sigmas[-1] = 0``, stochastic where ``sde_mask``.
+
+    Args:
+        velocity_fn: ``(x [B, ...], sigma [B]) -> v`` with v shaped like x (the adapter maps sigma to the
+            model's timestep, e.g. with ``timesteps_from_sigmas``).
+        x_init: initial latents ``[B, ...]``.
+        sigmas: schedule ``[T + 1]``, strictly decreasing to 0.
+        sde_mask: bool ``[T]``; True steps take ``sde_step(kind, ...)``, False steps the Euler ODE step.
+        kind, noise_level: the SDE step (see ``SDE_STEPS``).
+        generator: the only randomness; may be None only when no step is stochastic.
+
+    Raises ValueError if a requested SDE step is deterministic (std 0: noise level 0, or CPS's step to
+    sigma 0); leave such steps out of ``sde_mask``.
+    """
+    _check_sigmas(sigmas)
+    num_steps = sigmas.numel() - 1
+    if not isinstance(sde_mask, Tensor) or sde_mask.dtype != torch.bool or sde_mask.shape != (num_steps,):
+        raise ValueError(f"sde_mask must be a bool tensor of shape ({num_steps},)")
+    if not isinstance(x_init, Tensor) or x_init.ndim < 1 or not x_init.is_floating_point():
+        raise ValueError("x_init must be a float tensor [B, ...]")
+    if kind not in SDE_STEPS:
+        raise ValueError(f"unknown SDE kind {kind!r}; choose one of {sorted(SDE_STEPS)}")
+    stochastic = sde_mask.tolist()
+    if any(stochastic) and generator is None:
+        raise ValueError("a generator is required when sde_mask has stochastic steps")
+
+    sigmas_cpu = sigmas.detach().cpu()
+    sigma_max = float(sigmas_cpu[1])
+    # The std of every kind depends on the sigmas only, so degenerate SDE steps are caught before sampling.
+    probe = torch.zeros(())
+    for i in (i for i, s in enumerate(stochastic) if s):
+        _, std = SDE_STEPS[kind](probe, probe, sigmas_cpu[i], sigmas_cpu[i + 1], noise_level, sigma_max=sigma_max)
+        if not bool(std > 0):
+            raise ValueError(
+                f"step {i} (sigma {float(sigmas_cpu[i]):.4g} -> {float(sigmas_cpu[i + 1]):.4g}) is deterministic "
+                f"for kind {kind!r} at noise_level {noise_level}; remove it from sde_mask"
+            )
+
+    batch = x_init.shape[0]
+    sigmas_dev = sigmas.to(x_init.device)
+    x = x_init
+    latents, log_probs = [x_init], []
+    for i, is_sde in enumerate(stochastic):
+        sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
+        v = velocity_fn(x, sigma.expand(batch))
+        if is_sde:
+            x_next, mean, std = sde_step(
+                kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max, generator=generator
+            )
+            log_probs.append(gaussian_log_prob(x_next, mean, std))
+        else:
+            x_next = ode_step(x, v, sigma, sigma_next)
+            log_probs.append(x_next.new_zeros(batch))
+        latents.append(x_next)
+        x = x_next
+
+    dtype = latents[-1].dtype  # steps upcast half precision; keep one dtype for the stack
+    return Trajectory(
+        latents=torch.stack([t.to(dtype) for t in latents], dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        sde_mask=sde_mask.clone(),
+        sigmas=sigmas.clone(),
+        kind=kind,
+        noise_level=float(noise_level),
+    )
+
+
+def _check_positive_int(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def dance_train_steps(num_steps: int, k: int, generator: torch.Generator) -> Tensor:
+    """DanceGRPO: a uniformly random subset of ``k`` distinct step indices to train on, sorted ascending."""
+    _check_positive_int("num_steps", num_steps)
+    _check_positive_int("k", k)
+    if k > num_steps:
+        raise ValueError(f"k={k} exceeds num_steps={num_steps}")
+    return torch.randperm(num_steps, generator=generator)[:k].sort().values
+
+
+def mixgrpo_window(
+    step: int, num_steps: int, window: int, shift_every: int, *, start: int = 0, end: int | None = None
+) -> Tensor:
+    """MixGRPO sliding window: bool ``[num_steps]``, True (SDE) on ``[s, s + window)``, ODE elsewhere.
+
+    The window begins at ``start`` and moves one step later every ``shift_every`` training iterations
+    (``step`` counts them from 0); once it would pass ``end`` (exclusive, default ``num_steps``) it wraps
+    back to ``start`` (MixGRPO's roll-back). The window always fits whole inside ``[start, end)``.
+    """
+    _check_positive_int("step", step, minimum=0)
+    _check_positive_int("num_steps", num_steps)
+    _check_positive_int("window", window)
+    _check_positive_int("shift_every", shift_every)
+    _check_positive_int("start", start, minimum=0)
+    end = num_steps if end is None else end
+    _check_positive_int("end", end)
+    if end > num_steps or start + window > end:
+        raise ValueError(f"need start + window <= end <= num_steps, got {start} + {window}, {end}, {num_steps}")
+    positions = end - window - start + 1
+    first = start + (step // shift_every) % positions
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    mask[first : first + window] = True
+    return mask
+
+
+def group_noise(
+    num_groups: int,
+    group_size: int,
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator,
+    shared: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Initial latents ``[num_groups * group_size, *shape]``, group members contiguous.
+
+    With ``shared`` every member of a group starts from the same noise (Flow-GRPO's same-latent option),
+    so reward differences inside a group come from the SDE steps alone.
+    """
+    _check_positive_int("num_groups", num_groups)
+    _check_positive_int("group_size", group_size)
+    draws = num_groups if shared else num_groups * group_size
+    noise = torch.randn((draws, *shape), generator=generator, dtype=dtype, device=device)
+    return noise.repeat_interleave(group_size, dim=0) if shared else noise

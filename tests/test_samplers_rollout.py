@@ -1,0 +1,200 @@
+"""sample_trajectory and the DanceGRPO / MixGRPO step selections."""
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from flowgrpo.samplers.rollout import Trajectory, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory
+from flowgrpo.samplers.schedules import flow_sigmas
+from flowgrpo.samplers.steps import SDE_STEPS, ode_step, sde_log_prob
+
+SD3 = {"num_train_timesteps": 1000, "shift": 3.0}
+N_STEPS = 8
+KINDS = sorted(SDE_STEPS)
+
+
+def _velocity(x, sigma):
+    # A fixed nonlinear field that depends on sigma, so every step does something different.
+    w = torch.linspace(-1.0, 1.0, x.shape[-1])
+    return torch.tanh(x * w) - x + sigma.view(-1, *([1] * (x.ndim - 1)))
+
+
+def _full_mask(kind):
+    mask = torch.ones(N_STEPS, dtype=torch.bool)
+    if kind == "cps":
+        mask[-1] = False  # CPS's step to sigma 0 is deterministic
+    return mask
+
+
+def _x_init(seed=0):
+    return torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(kind, seed, mask=None, x_init=None):
+    return sample_trajectory(
+        _velocity,
+        _x_init() if x_init is None else x_init,
+        flow_sigmas(SD3, N_STEPS),
+        sde_mask=_full_mask(kind) if mask is None else mask,
+        kind=kind,
+        noise_level=0.7 if kind != "dance" else 0.3,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_seed_same_trajectory_and_shapes(kind):
+    a, b, c = _run(kind, 5), _run(kind, 5), _run(kind, 6)
+    assert isinstance(a, Trajectory) and a.kind == kind
+    assert a.latents.shape == (4, N_STEPS + 1, 3, 6) and a.log_probs.shape == (4, N_STEPS)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    assert not torch.equal(a.latents[:, -1], c.latents[:, -1])
+    assert torch.equal(a.latents[:, 0], _x_init())
+    assert torch.isfinite(a.log_probs).all()
+    assert torch.equal(a.sde_mask, _full_mask(kind)) and torch.equal(a.sigmas, flow_sigmas(SD3, N_STEPS))
+    assert a.sigma_max == float(a.sigmas[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_log_probs_recomputed_from_stored_latents_equal_sampled(kind):
+    mask = torch.tensor([1, 1, 0, 1, 1, 0, 0, 1 if kind != "cps" else 0], dtype=torch.bool)  # SDE and ODE mixed
+    traj = _run(kind, 11, mask=mask)
+    for i in range(N_STEPS):
+        x, x_next = traj.latents[:, i], traj.latents[:, i + 1]
+        sigma, sigma_next = traj.sigmas[i], traj.sigmas[i + 1]
+        v = _velocity(x, sigma.expand(4))
+        if traj.sde_mask[i]:
+            lp = sde_log_prob(kind, x, v, x_next, sigma, sigma_next, traj.noise_level, sigma_max=traj.sigma_max)
+            assert torch.equal(lp, traj.log_probs[:, i])
+        else:
+            assert torch.equal(x_next, ode_step(x, v, sigma, sigma_next))
+            assert torch.equal(traj.log_probs[:, i], torch.zeros(4))
+
+
+def test_all_ode_mask_equals_diffusers_euler_sampling():
+    sched = FlowMatchEulerDiscreteScheduler.from_config(SD3)
+    sched.set_timesteps(N_STEPS)
+    x = _x_init()
+    for i, t in enumerate(sched.timesteps):
+        x = sched.step(_velocity(x, sched.sigmas[i].expand(4)), t, x).prev_sample
+    traj = sample_trajectory(
+        _velocity, _x_init(), flow_sigmas(SD3, N_STEPS), sde_mask=torch.zeros(N_STEPS, dtype=torch.bool), generator=None
+    )
+    assert torch.equal(traj.latents[:, -1], x)
+    assert torch.equal(traj.log_probs, torch.zeros(4, N_STEPS))
+
+
+def test_ode_steps_before_the_window_ignore_the_seed():
+    mask = mixgrpo_window(3, N_STEPS, 2, 1)  # SDE on steps 3, 4
+    a, b = _run("flow_grpo", 1, mask=mask), _run("flow_grpo", 2, mask=mask)
+    assert torch.equal(a.latents[:, :4], b.latents[:, :4])  # x at sigmas[0..3]: no noise drawn yet
+    assert not torch.equal(a.latents[:, 4], b.latents[:, 4])
+    assert (a.log_probs[:, [3, 4]] != 0).all() and (a.log_probs[:, mask.logical_not()] == 0).all()
+
+
+def test_first_flow_grpo_step_has_std_equal_to_noise_level():
+    # Empirically: (x_1 - mean) / 0.7 must be standard normal at the clamped first step.
+    x_init = torch.zeros(2, 50_000)
+    traj = sample_trajectory(
+        lambda x, s: torch.zeros_like(x), x_init, flow_sigmas(SD3, N_STEPS),
+        sde_mask=_full_mask("flow_grpo"), generator=torch.Generator().manual_seed(0),
+    )
+    # x = 0, v = 0: mean is 0, so x_1 is pure noise of std noise_level.
+    assert abs(traj.latents[:, 1].std().item() - 0.7) < 5 * 0.7 / math.sqrt(2 * 100_000)
+
+
+def test_half_precision_init_gives_float32_latents():
+    traj = _run("flow_grpo", 0, x_init=_x_init().to(torch.bfloat16))
+    assert traj.latents.dtype == torch.float32 and traj.log_probs.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kind": "cps", "sde_mask": torch.ones(N_STEPS, dtype=torch.bool)}, "deterministic"),
+        ({"noise_level": 0.0}, "deterministic"),
+        ({"generator": None}, "generator"),
+        ({"kind": "euler"}, "unknown SDE kind"),
+        ({"sde_mask": torch.ones(N_STEPS)}, "sde_mask"),
+        ({"sde_mask": torch.ones(N_STEPS + 1, dtype=torch.bool)}, "sde_mask"),
+        ({"sigmas": torch.tensor([1.0, 0.5, 0.1])}, "exactly 0"),
+        ({"sigmas": torch.tensor([1.0, 0.2, 0.5, 0.0])}, "decrease"),
+        ({"sigmas": torch.tensor([1.5, 0.5, 0.0])}, "at most 1"),
+        ({"sigmas": torch.tensor([0.0])}, "length"),
+        ({"x_init": torch.zeros(4, 3, dtype=torch.long)}, "x_init"),
+    ],
+)
+def test_sample_trajectory_bad_input(kwargs, match):
+    args = {
+        "x_init": _x_init(),
+        "sigmas": flow_sigmas(SD3, N_STEPS),
+        "sde_mask": torch.ones(N_STEPS, dtype=torch.bool),
+        "kind": "flow_grpo",
+        "noise_level": 0.7,
+        "generator": torch.Generator().manual_seed(0),
+    }
+    args.update(kwargs)
+    n = args["sigmas"].numel() - 1
+    if "sde_mask" not in kwargs and n != N_STEPS:
+        args["sde_mask"] = torch.ones(max(n, 0), dtype=torch.bool)
+    with pytest.raises(ValueError, match=match):
+        sample_trajectory(_velocity, args.pop("x_init"), args.pop("sigmas"), **args)
+
+
+def test_dance_train_steps():
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(dance_train_steps(6, 6, g), torch.arange(6))
+    draws = torch.stack([dance_train_steps(10, 3, g) for _ in range(4000)])
+    assert draws.dtype == torch.long and draws.shape == (4000, 3)
+    assert (draws[:, 1:] > draws[:, :-1]).all()  # sorted, hence distinct
+    assert draws.min() >= 0 and draws.max() <= 9
+    # Every step is chosen with probability k / n = 0.3: counts ~ Binomial(4000, 0.3), sd ~ 29.
+    counts = torch.bincount(draws.flatten(), minlength=10).double()
+    assert ((counts - 1200).abs() < 5 * math.sqrt(4000 * 0.3 * 0.7)).all()
+    same = [dance_train_steps(10, 4, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(*same)
+    with pytest.raises(ValueError, match="exceeds"):
+        dance_train_steps(4, 5, g)
+    with pytest.raises(ValueError, match="k must"):
+        dance_train_steps(4, 0, g)
+
+
+def _on(mask):
+    return mask.nonzero().flatten().tolist()
+
+
+def test_mixgrpo_window_slides_and_wraps():
+    # 6 steps, window 2, moves every 3 iterations: starts 0,1,2,3,4 then wraps to 0.
+    assert mixgrpo_window(0, 6, 2, 3).tolist() == [True, True, False, False, False, False]
+    assert _on(mixgrpo_window(2, 6, 2, 3)) == [0, 1]
+    assert _on(mixgrpo_window(3, 6, 2, 3)) == [1, 2]
+    assert _on(mixgrpo_window(14, 6, 2, 3)) == [4, 5]
+    assert _on(mixgrpo_window(15, 6, 2, 3)) == [0, 1]
+    # start=1, end=5: the window stays inside steps 1..4 -> starts 1, 2, 3 then back to 1.
+    assert [_on(mixgrpo_window(k, 6, 2, 1, start=1, end=5)) for k in range(4)] == [[1, 2], [2, 3], [3, 4], [1, 2]]
+    assert mixgrpo_window(7, 4, 4, 2).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((-1, 6, 2, 3), {}), ((0, 6, 0, 3), {}), ((0, 6, 2, 0), {}), ((0, 6, 7, 1), {}),
+     ((0, 6, 2, 1), {"start": 5}), ((0, 6, 2, 1), {"end": 7}), ((0, 6, 2, 1), {"start": -1})],
+)
+def test_mixgrpo_window_bad_input(args, kwargs):
+    with pytest.raises(ValueError):
+        mixgrpo_window(*args, **kwargs)
+
+
+def test_group_noise():
+    shared = group_noise(3, 4, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert shared.shape == (12, 2, 5)
+    for g in range(3):
+        assert all(torch.equal(shared[4 * g], shared[4 * g + j]) for j in range(1, 4))
+    assert not torch.equal(shared[0], shared[4])
+    indep = group_noise(3, 4, (2, 5), generator=torch.Generator().manual_seed(0), shared=False)
+    assert not torch.equal(indep[0], indep[1])
+    assert torch.equal(indep[0], shared[0])  # first draw is the same stream
+    with pytest.raises(ValueError, match="group_size"):
+        group_noise(3, 0, (2,), generator=torch.Generator())
