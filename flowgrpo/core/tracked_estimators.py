@@ -36,9 +36,8 @@ def bnpo_beta_params(success_rates: Tensor) -> tuple[float, float]:
     """BNPO's normaliser parameters from the spread of per-prompt success rates p(q).
 
     Method-of-moments fit Beta(a, b) to the rates (mean m, unbiased variance v):
-    c = m(1 - m)/v - 1, a = c·m, b = c·(1 - m); then alpha = max(1, 1 + a/3),
-    beta = max(1, 1 + b/3) (the variance-minimising choice of the BNPO paper, as in its
-    reference code). Falls back to (1, 1) — REINFORCE with baseline — when fewer than two
+    c = m(1 - m)/v - 1, a = c·m, b = c·(1 - m); then alpha = 1 + a/3, beta = 1 + b/3 (the
+    variance-minimising choice of the BNPO paper; its reference code also floors them at 1). Falls back to (1, 1) — REINFORCE with baseline — when fewer than two
     prompts or no spread make the fit undefined.
     """
     if success_rates.numel() < 2:
@@ -47,8 +46,8 @@ def bnpo_beta_params(success_rates: Tensor) -> tuple[float, float]:
     v = float(success_rates.var(correction=1))
     if v <= 0.0 or m * (1 - m) / v - 1 <= 0.0:
         return 1.0, 1.0
-    c = m * (1 - m) / v - 1
-    return max(1.0, 1 + c * m / 3), max(1.0, 1 + c * (1 - m) / 3)
+    c = m * (1 - m) / v - 1  # > 0 here, so both parameters are >= 1
+    return 1 + c * m / 3, 1 + c * (1 - m) / 3
 
 
 def bnpo(
