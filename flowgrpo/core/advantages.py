@@ -104,6 +104,9 @@ def compute_advantages(
     opts: passed to the estimator (e.g. ``scale``, ``eps``, ``strata``, ``alpha``, ``tracker``,
         ``prompt_keys``).
 
+    Computed on CPU in float64 (batches are small); returned on the rewards' device, in their
+    float dtype (the default dtype for integer rewards).
+
     Stats: n_nan, frac_nan, n_groups, frac_zero_std (among groups with a scored sample),
     n_valid, frac_clipped (among valid samples), adv_mean, adv_std (population, over valid).
     """
