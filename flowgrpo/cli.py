@@ -7,6 +7,9 @@ import sys
 
 # module path -> each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
 COMMAND_MODULES = [
+    "flowgrpo.commands",
+    "flowgrpo.rewards.server",
+    "flowgrpo.eval.cli",
 ]
 
 

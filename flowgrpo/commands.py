@@ -1,0 +1,72 @@
+"""Subcommands `train`, `sample` and `pretrain-shapes` of the `flowgrpo` CLI."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flowgrpo.config import make_config, overrides_from_args
+    from flowgrpo.train import train
+
+    cfg = make_config(args.preset, args.config, overrides_from_args(args))
+    train(cfg)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from flowgrpo.policies.flow import FlowPolicy
+    from flowgrpo.rewards.shapes import to_uint8
+    from PIL import Image
+
+    policy = FlowPolicy.from_pretrained(args.model, micro_batch=args.batch)
+    if args.lora:
+        policy.pipe.load_lora_weights(args.lora)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(args.seed)
+    images = to_uint8(policy.generate([args.prompt] * args.n, num_steps=args.steps, guidance=args.guidance, generator=g))
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(out / f"{i:03d}.png")
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from flowgrpo.shapes.pretrain import main
+
+    main(args.rest)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from flowgrpo.config import PRESETS, add_arguments
+
+    p = sub.add_parser("train", help="GRPO-train a flow-matching text-to-image model",
+                       description="Train with Flow-GRPO. Options override the preset, then the YAML file. "
+                                   "The `shapes` preset trains the shipped Shapes base model on this CPU in ~15 min "
+                                   "and prints base vs trained accuracy.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="shapes", choices=sorted(PRESETS), help="typed preset to start from")
+    p.add_argument("--config", default=None, help="YAML file of option: value overrides")
+    add_arguments(p)
+    p.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="write images for a prompt from a local pipeline (ODE sampling)")
+    s.add_argument("--model", default=None, help="local diffusers pipeline directory (default: the Shapes base model)")
+    s.add_argument("--lora", default=None, help="optional LoRA weights directory saved by `flowgrpo train`")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--out", required=True, help="output directory for NNN.png")
+    s.add_argument("--n", type=int, default=4, help="number of images")
+    s.add_argument("--steps", type=int, default=20, help="Euler steps")
+    s.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch", type=int, default=16, help="images per forward pass")
+    s.set_defaults(func=_sample)
+
+    r = sub.add_parser("pretrain-shapes", help="pretrain the Shapes base model (about an hour on 2 CPU cores)",
+                       add_help=False)
+    r.add_argument("rest", nargs=argparse.REMAINDER, help="options of flowgrpo.shapes.pretrain (--help lists them)")
+    r.set_defaults(func=_pretrain)

@@ -1,0 +1,174 @@
+"""`flowgrpo train` configuration: one frozen dataclass, typed presets, YAML and CLI overrides.
+
+Every derived size (samples per iteration, micro-batches, optimizer steps) is computed and checked
+in `TrainConfig.__post_init__`, with errors that name the numbers that disagree.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from flowgrpo.assets import SHAPES_MODEL
+
+SDE_KINDS = ("flow_grpo", "dance", "cps")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or inconsistent with another."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model and data
+    model: str = str(SHAPES_MODEL)
+    family_options: dict = field(default_factory=dict)
+    height: int = 0  # 0 = the model's native size
+    width: int = 0
+    lora_rank: int = 0  # 0 = full fine-tuning
+    prompts: str = "shapes:train"
+    eval_prompts: str = "shapes:test"
+    reward: str = "shapes"
+    reward_options: dict = field(default_factory=dict)
+    out: str = "runs/shapes-grpo"
+    seed: int = 0
+    # rollouts
+    prompts_per_iter: int = 6  # per process
+    group_size: int = 8
+    micro_batch: int = 16
+    num_steps: int = 10  # SDE sampling steps (denoising reduction: fewer than eval_num_steps)
+    train_steps: int = 0  # 0 = train on every SDE step; k > 0 = a random subset of k (DanceGRPO)
+    guidance: float = 4.5
+    noise_level: float = 0.7
+    sde_kind: str = "flow_grpo"
+    shared_noise: bool = True
+    # GRPO update
+    advantage: str = "grpo"
+    advantage_options: dict = field(default_factory=dict)
+    adv_clip: float = 5.0
+    zero_std: str = "keep"
+    loss_agg: str = "token-mean"
+    clip_low: float = 1e-3
+    clip_high: float = 1e-3
+    beta: float = 0.0  # KL to the reference; 0 never runs the reference
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    optimizer_steps: int = 2  # optimizer steps per iteration (the batch is split between them)
+    inner_epochs: int = 1
+    # schedule and evaluation
+    iterations: int = 1000
+    max_minutes: float = 0.0  # > 0: stop after this much training time (evaluation excluded)
+    eval_every: int = 50
+    eval_num_steps: int = 20
+    eval_images_per_prompt: int = 2
+    eval_grid_prompts: int = 24
+    save_every: int = 50
+    resume: bool = True
+    log_with: str = "tensorboard"
+
+    def __post_init__(self) -> None:
+        positive = ("prompts_per_iter", "group_size", "micro_batch", "num_steps", "optimizer_steps", "inner_epochs",
+                    "iterations", "eval_every", "eval_num_steps", "eval_images_per_prompt", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sde_kind not in SDE_KINDS:
+            raise ConfigError(f"sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
+        if not 0 <= self.train_steps <= self.num_steps:
+            raise ConfigError(f"train_steps={self.train_steps} must be in [0, num_steps={self.num_steps}]")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size={self.group_size}: GRPO needs at least 2 samples per prompt")
+        if self.batch_size % self.micro_batch:
+            raise ConfigError(f"samples per iteration = prompts_per_iter x group_size = {self.prompts_per_iter} x "
+                              f"{self.group_size} = {self.batch_size} is not a multiple of micro_batch={self.micro_batch}")
+        if (self.batch_size // self.micro_batch) % self.optimizer_steps:
+            raise ConfigError(f"{self.batch_size // self.micro_batch} micro-batches per iteration cannot be split evenly "
+                              f"into optimizer_steps={self.optimizer_steps}")
+        for name in ("clip_low", "clip_high", "beta", "lr", "noise_level", "adv_clip", "max_minutes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per iteration on one process."""
+        return self.prompts_per_iter * self.group_size
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.batch_size // self.micro_batch // self.optimizer_steps
+
+
+PRESETS: dict[str, dict] = {
+    # The embedded default: the shipped Shapes base model on a 2-core CPU in ~15 minutes.
+    "shapes": {},
+    # Real models read from a local directory (pass --model PATH); values follow Flow-GRPO's GenEval recipes.
+    "sd35-medium": dict(model="", height=512, width=512, lora_rank=32, micro_batch=4, prompts_per_iter=4,
+                        group_size=8, num_steps=10, eval_num_steps=40, guidance=4.5, noise_level=0.7, lr=3e-4,
+                        clip_low=1e-4, clip_high=1e-4, beta=0.004, reward="shapes", prompts="prompts.jsonl",
+                        eval_prompts="prompts.jsonl", out="runs/sd35-grpo", max_minutes=0.0, iterations=2000,
+                        family_options={"max_sequence_length": 128}),
+    "flux-dev": dict(model="", height=512, width=512, lora_rank=32, micro_batch=2, prompts_per_iter=4, group_size=8,
+                     num_steps=6, eval_num_steps=28, guidance=1.0, noise_level=0.9, lr=1e-4, clip_low=1e-4,
+                     clip_high=1e-4, beta=0.0, out="runs/flux-grpo", iterations=2000,
+                     family_options={"guidance_scale": 3.5}),
+    "sana": dict(model="", height=512, width=512, lora_rank=32, micro_batch=4, prompts_per_iter=4, group_size=8,
+                 num_steps=10, eval_num_steps=20, guidance=4.5, noise_level=0.7, lr=1e-4, clip_low=1e-4,
+                 clip_high=1e-4, beta=0.0, out="runs/sana-grpo", iterations=2000),
+}
+
+
+def _coerce(name: str, value, default):
+    if isinstance(default, bool) and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if isinstance(default, dict) and isinstance(value, str):
+        value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    try:
+        return type(default)(value) if not isinstance(default, dict) else dict(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: cannot read {value!r} as {type(default).__name__}") from e
+
+
+def make_config(preset: str = "shapes", yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Preset, then a YAML file, then explicit overrides (later wins)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if yaml_path:
+        p = Path(yaml_path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of option: value")
+        values.update(loaded)
+    values.update(overrides or {})
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory()) for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; see `flowgrpo train --help`")
+    cfg = TrainConfig(**{k: _coerce(k, v, defaults[k]) for k, v in values.items()})
+    if not cfg.model:
+        raise ConfigError(f"preset {preset!r} needs --model PATH: a local diffusers pipeline directory")
+    return cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --option per TrainConfig field (default None = not given, so presets and YAML apply)."""
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = "bool" if isinstance(default, bool) else "mapping (YAML)" if isinstance(default, dict) else type(default).__name__
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=kind.upper(),
+                            help=f"(default in the shapes preset: {default!r})")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}

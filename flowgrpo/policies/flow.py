@@ -1,0 +1,212 @@
+"""FlowPolicy: a diffusers flow-matching pipeline as a GRPO policy.
+
+Rollouts integrate the SDE/ODE samplers of `flowgrpo.samplers` with the pipeline's transformer;
+training recomputes each step's log-prob from the stored (x_t, x_next) with the same batch
+composition (same micro-batch chunks, conditional and unconditional branches as separate calls),
+so the importance ratio is exactly 1 before the first update. The unconditional CFG branch never
+enters the backward graph. Prompt conditioning is cached: the text encoders are frozen.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flowgrpo.policies.families import Cond, Family, family_for
+from flowgrpo.samplers.rollout import sample_trajectory
+from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob
+from flowgrpo.samplers.schedules import flow_sigmas
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def empty_components(path: Path) -> dict[str, None]:
+    """Components saved as null (e.g. SD3 without T5) must be passed as None to `from_pretrained`."""
+    index = json.loads((path / "model_index.json").read_text())
+    return {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled trajectories with everything training needs."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    group_ids: Tensor  # [B]
+    latents: Tensor  # [B, T + 1, ...]
+    log_probs: Tensor  # [B, T] (0 at ODE steps)
+    sde_mask: Tensor  # [T] bool
+    sigmas: Tensor  # [T + 1]
+    kind: str
+    noise_level: float
+    images: Tensor  # [B, 3, H, W] in [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def _cat(conds: list[Cond]) -> Cond:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def _rows(cond: Cond, rows: slice) -> Cond:
+    return {k: v[rows] for k, v in cond.items()}
+
+
+class FlowPolicy:
+    def __init__(self, pipe, family: Family, *, height: int, width: int, micro_batch: int,
+                 negative_prompt: str = ""):
+        self.pipe, self.family = pipe, family
+        self.height, self.width, self.micro_batch = height, width, micro_batch
+        self.negative_prompt = negative_prompt
+        self._cache: dict[str, Cond] = {}
+        self._reference = None
+        for module in (getattr(pipe, n, None) for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")):
+            if module is not None:
+                module.requires_grad_(False).eval()
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, height: int | None = None, width: int | None = None,
+                        micro_batch: int = 8, dtype: torch.dtype = torch.float32, family_options: dict | None = None,
+                        **kw) -> "FlowPolicy":
+        from diffusers import DiffusionPipeline
+
+        path = Path(path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **empty_components(path))
+        family = family_for(pipe, **(family_options or {}))
+        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        return cls(pipe, family, height=height or size, width=width or size, micro_batch=micro_batch, **kw)
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    def add_lora(self, rank: int, alpha: float | None = None, targets: list[str] | None = None) -> None:
+        from peft import LoraConfig
+
+        present = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0"
+                   for n, _ in self.transformer.named_modules()}
+        targets = [t for t in (targets or LORA_TARGETS) if t in present]
+        self.transformer.requires_grad_(False)
+        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
+                                                init_lora_weights="gaussian"))
+
+    @property
+    def uses_lora(self) -> bool:
+        return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if not self.uses_lora:
+            self.transformer.requires_grad_(True)
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference policy: LoRA disabled, or a frozen copy made on first use."""
+        if self.uses_lora:
+            self.transformer.disable_adapters()
+            try:
+                yield self.transformer
+            finally:
+                self.transformer.enable_adapters()
+            return
+        if self._reference is None:
+            self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        yield self._reference
+
+    # ---------------------------------------------------------- conditioning
+    @torch.no_grad()
+    def cond(self, prompts: list[str]) -> Cond:
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            enc = self.family.encode(self.pipe, missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = _rows(enc, slice(i, i + 1))
+        return _cat([self._cache[p] for p in prompts])
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        seq = self.family.image_seq_len(self.pipe, self.height, self.width)
+        return flow_sigmas(dict(self.pipe.scheduler.config), num_steps, image_seq_len=seq)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.family.latent_shape(self.pipe, self.height, self.width)
+
+    # -------------------------------------------------------------- velocity
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, guidance: float, *, transformer=None,
+                 grad: bool = False) -> Tensor:
+        """CFG velocity for one micro-batch; only the conditional branch may carry gradients."""
+        tr = transformer if transformer is not None else self.transformer
+        with torch.set_grad_enabled(grad):
+            v_c = self.family.velocity(tr, x, sigma, cond).float()
+        if guidance == 1.0:
+            return v_c
+        with torch.no_grad():
+            neg = self.cond([self.negative_prompt] * x.shape[0])
+            v_u = self.family.velocity(tr, x, sigma, neg).float()
+        return v_u + guidance * (v_c - v_u)
+
+    def _chunked_velocity(self, cond: Cond, guidance: float):
+        def fn(x: Tensor, sigma: Tensor) -> Tensor:
+            out = []
+            for s in range(0, x.shape[0], self.micro_batch):
+                rows = slice(s, s + self.micro_batch)
+                out.append(self.velocity(x[rows], sigma[rows], _rows(cond, rows), guidance))
+            return torch.cat(out)
+        return fn
+
+    # --------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], metadata: list[dict], group_ids: Tensor, x_init: Tensor, *,
+                sigmas: Tensor, sde_mask: Tensor, guidance: float, kind: str, noise_level: float,
+                generator: torch.Generator) -> Rollout:
+        cond = self.cond(prompts)
+        traj = sample_trajectory(self._chunked_velocity(cond, guidance), x_init, sigmas, sde_mask=sde_mask,
+                                 kind=kind, noise_level=noise_level, generator=generator)
+        return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
+                       kind, noise_level, self.decode(traj.latents[:, -1]))
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        return torch.cat([self.family.decode(self.pipe, latents[s : s + self.micro_batch], self.height, self.width)
+                          for s in range(0, latents.shape[0], self.micro_batch)])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, num_steps: int, guidance: float, generator: torch.Generator) -> Tensor:
+        """Deterministic (ODE) samples for evaluation: images [B, 3, H, W] in [0, 1]."""
+        sigmas = self.sigmas(num_steps)
+        x = torch.randn((len(prompts), *self.latent_shape()), generator=generator)
+        traj = sample_trajectory(self._chunked_velocity(self.cond(prompts), guidance), x, sigmas,
+                                 sde_mask=torch.zeros(num_steps, dtype=torch.bool), generator=None)
+        return self.decode(traj.latents[:, -1])
+
+    # --------------------------------------------------------------- training
+    def step_log_prob(self, ro: Rollout, rows: slice, step: int, guidance: float, *,
+                      transformer=None, grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """(log_prob [b], mean, std) of the stored transition at `step` for rows of the rollout."""
+        x, x_next = ro.latents[rows, step], ro.latents[rows, step + 1]
+        sigma, sigma_next = ro.sigmas[step], ro.sigmas[step + 1]
+        v = self.velocity(x, sigma.expand(x.shape[0]), self.cond(ro.prompts[rows]), guidance,
+                          transformer=transformer, grad=grad)
+        mean, std = SDE_STEPS[ro.kind](x, v, sigma, sigma_next, ro.noise_level, sigma_max=float(ro.sigmas[1]))
+        return gaussian_log_prob(x_next, mean, std), mean, std
+
+    # ---------------------------------------------------------------- export
+    def save(self, path: str | Path) -> Path:
+        """Full fine-tuning: a complete pipeline directory (`from_pretrained` loads it).
+        LoRA: diffusers LoRA weights that `pipe.load_lora_weights(path)` reads."""
+        path = Path(path)
+        if self.uses_lora:
+            from peft.utils import get_peft_model_state_dict
+
+            type(self.pipe).save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(self.transformer))
+        else:
+            self.pipe.save_pretrained(path, safe_serialization=True)
+        return path

@@ -1,0 +1,170 @@
+"""`flowgrpo train`: the GRPO training loop for flow-matching text-to-image models.
+
+Read top to bottom: load policy, reward and prompts; restore the training state if a checkpoint
+exists; evaluate the base model once; then iterate rollout -> reward -> advantages -> update,
+evaluating and checkpointing on schedule; finish with base-vs-trained accuracy.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from flowgrpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from flowgrpo.config import TrainConfig
+from flowgrpo.core import compute_advantages
+from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, write_report
+from flowgrpo.policies.flow import FlowPolicy
+from flowgrpo.prompts.loaders import load_prompts
+from flowgrpo.rewards import build_reward
+from flowgrpo.samplers.rollout import group_noise
+from flowgrpo.shapes.data import tag_balanced_indices
+from flowgrpo.update import grpo_update, train_step_indices
+
+TRACKED_ESTIMATORS = ("bnpo", "spo")
+
+
+def load_policy(cfg: TrainConfig) -> FlowPolicy:
+    policy = FlowPolicy.from_pretrained(cfg.model, height=cfg.height or None, width=cfg.width or None,
+                                        micro_batch=cfg.micro_batch, family_options=cfg.family_options)
+    if cfg.lora_rank:
+        policy.add_lora(cfg.lora_rank)
+    return policy
+
+
+def sde_mask_for(cfg: TrainConfig, sigmas: torch.Tensor) -> torch.Tensor:
+    """SDE at every step; CPS's last step (to sigma 0) has no noise, so it runs as ODE."""
+    mask = torch.ones(len(sigmas) - 1, dtype=torch.bool)
+    if cfg.sde_kind == "cps":
+        mask[-1] = False
+    return mask
+
+
+def sample_groups(entries: list[dict], cfg: TrainConfig, rng: np.random.Generator, process_index: int):
+    """prompts_per_iter entries (tag-balanced when entries have tags), each repeated group_size times."""
+    if all("tag" in e for e in entries):
+        idx = tag_balanced_indices(entries, cfg.prompts_per_iter, rng)
+    else:
+        idx = rng.integers(len(entries), size=cfg.prompts_per_iter)
+    picked = [entries[i] for i in idx for _ in range(cfg.group_size)]
+    group_ids = torch.arange(cfg.prompts_per_iter).repeat_interleave(cfg.group_size) + process_index * cfg.prompts_per_iter
+    return picked, group_ids
+
+
+def run_eval(policy: FlowPolicy, entries: list[dict], cfg: TrainConfig, out: Path, name: str) -> GenevalResult:
+    result = evaluate(policy, entries, images_per_prompt=cfg.eval_images_per_prompt, num_steps=cfg.eval_num_steps,
+                      guidance=cfg.guidance, seed=cfg.seed)
+    write_report(result, out / "eval" / name, name=name)
+    return result
+
+
+def train(cfg: TrainConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    accel = Accelerator(log_with=cfg.log_with or None, project_dir=str(out))
+    if accel.num_processes > 1:
+        raise NotImplementedError("multi-process training is not supported yet; run one process")
+    accel.init_trackers("flowgrpo", config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    policy = load_policy(cfg)
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    reward_fn = build_reward(cfg.reward, **cfg.reward_options)
+    train_entries, eval_entries = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)
+    ckpt = out / "checkpoint"
+    if cfg.resume and ckpt.exists():
+        state = load_checkpoint(ckpt, policy.transformer, optimizer)
+        tqdm.write(f"resumed from {ckpt} at iteration {state.iteration}")
+    else:
+        state = TrainState.fresh(cfg.seed, accel.process_index)
+    sigmas = policy.sigmas(cfg.num_steps)
+    sde_mask = sde_mask_for(cfg, sigmas)
+
+    results: dict[str, GenevalResult] = {}
+    if not state.history["eval"]:
+        results["base"] = run_eval(policy, eval_entries, cfg, out, "base")
+        state.history["eval"].append({"iteration": 0, **results["base"].summary()})
+        tqdm.write("base model:\n" + markdown_table({"base": results["base"]}))
+
+    bar = tqdm(total=cfg.iterations, initial=state.iteration, desc="grpo")
+    while state.iteration < cfg.iterations:
+        if cfg.max_minutes and state.train_seconds >= 60 * cfg.max_minutes:
+            tqdm.write(f"time budget reached ({cfg.max_minutes} min of training)")
+            break
+        t0 = time.time()
+        entries, group_ids = sample_groups(train_entries, cfg, state.prompt_rng, accel.process_index)
+        x_init = group_noise(cfg.prompts_per_iter, cfg.group_size, policy.latent_shape(),
+                             generator=state.rollout_rng, shared=cfg.shared_noise)
+        ro = policy.rollout([e["prompt"] for e in entries], entries, group_ids, x_init, sigmas=sigmas,
+                            sde_mask=sde_mask, guidance=cfg.guidance, kind=cfg.sde_kind,
+                            noise_level=cfg.noise_level, generator=state.rollout_rng)
+        rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
+        opts = dict(cfg.advantage_options)
+        if cfg.advantage in TRACKED_ESTIMATORS:
+            opts.update(tracker=state.tracker, prompt_keys=ro.prompts)
+        adv = compute_advantages(cfg.advantage, rewards, group_ids, adv_clip=cfg.adv_clip, zero_std=cfg.zero_std, **opts)
+        steps = train_step_indices(ro, cfg, state.rollout_rng)
+        stats = grpo_update(policy, optimizer, params, ro, adv, steps, cfg)
+        state.iteration += 1
+        state.train_seconds += time.time() - t0
+
+        metrics = {"reward_mean": float(rewards.nanmean()), "reward_std": float(rewards[~rewards.isnan()].std()),
+                   **{f"adv/{k}": v for k, v in adv.stats.items()}, **stats,
+                   "seconds_per_iter": time.time() - t0, "train_minutes": state.train_seconds / 60}
+        for tag in sorted({e.get("tag") for e in entries} - {None}):
+            rows = torch.tensor([e.get("tag") == tag for e in entries])
+            metrics[f"reward/{tag}"] = float(rewards[rows].nanmean())
+        accel.log(metrics, step=state.iteration)
+        state.history["train"].append({"iteration": state.iteration, **metrics})
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", clip=f"{stats.get('clip_frac', 0):.2f}")
+
+        if state.iteration % cfg.eval_every == 0:
+            _eval_and_log(policy, eval_entries, cfg, out, state, accel, results)
+        if state.iteration % cfg.save_every == 0:
+            save_checkpoint(ckpt, policy.transformer, optimizer, state)
+    bar.close()
+
+    if state.history["eval"][-1]["iteration"] != state.iteration:
+        _eval_and_log(policy, eval_entries, cfg, out, state, accel, results)
+    save_checkpoint(ckpt, policy.transformer, optimizer, state)
+    policy.save(out / "final")
+    accel.end_training()
+    return _finish(state, out)
+
+
+def _eval_and_log(policy, entries, cfg, out, state, accel, results) -> None:
+    name = f"iter{state.iteration:05d}"
+    results[name] = run_eval(policy, entries, cfg, out, name)
+    r = results[name]
+    state.history["eval"].append({"iteration": state.iteration, **r.summary()})
+    accel.log({f"eval/{k}": v for k, v in r.accuracy.items()} | {"eval/malformed": r.malformed,
+              "eval/background_noise": r.background_noise}, step=state.iteration)
+    tqdm.write(f"iteration {state.iteration}: overall {100 * r.accuracy['overall']:.1f}% "
+               f"(malformed {100 * r.malformed:.1f}%, grid {out / 'eval' / name / 'grid.png'})")
+
+
+def _finish(state: TrainState, out: Path) -> dict:
+    """Print and write base vs trained accuracy from the evaluation history."""
+    base, last = state.history["eval"][0], state.history["eval"][-1]
+    summary = {"base": base, "trained": last, "iterations": state.iteration,
+               "train_minutes": state.train_seconds / 60, "out": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    tags = [t for t in base["accuracy"] if t != "overall"]
+    lines = ["| model | overall | " + " | ".join(tags) + " | malformed | bg noise |", "|" + "---|" * (len(tags) + 4)]
+    for name, rec in (("base", base), (f"trained ({state.iteration} it)", last)):
+        cells = [f"{100 * rec['accuracy'][t]:.1f} ± {100 * rec['stderr'][t]:.1f}" for t in ["overall"] + tags]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * rec['malformed']:.1f}% | {rec['background_noise']:.2f} |")
+    table = "\n".join(lines)
+    (out / "report.md").write_text(table + "\n")
+    print(f"\n{table}\n\noverall accuracy {100 * base['accuracy']['overall']:.1f}% -> "
+          f"{100 * last['accuracy']['overall']:.1f}% after {state.train_seconds / 60:.1f} min of training")
+    print(f"grids: {out / 'eval'}/*/grid.png   report: {out / 'report.md'}   tensorboard --logdir {out}")
+    return summary

@@ -1,0 +1,59 @@
+"""One GRPO policy update on a batch of flow rollouts (PPO-clip over SDE steps, optional KL)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from flowgrpo.config import TrainConfig
+from flowgrpo.core import AdvantageResult, gaussian_mean_kl, loss_weights, ppo_clip_loss
+from flowgrpo.policies.flow import FlowPolicy, Rollout
+
+
+def train_step_indices(ro: Rollout, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """SDE steps to train on: all of them, or a random subset of `train_steps` (DanceGRPO)."""
+    steps = torch.nonzero(ro.sde_mask).flatten()
+    if cfg.train_steps and cfg.train_steps < len(steps):
+        steps = steps[torch.randperm(len(steps), generator=generator)[: cfg.train_steps].sort().values]
+    return steps
+
+
+def grpo_update(policy: FlowPolicy, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                ro: Rollout, adv: AdvantageResult, steps: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
+    """PPO-clip updates over `optimizer_steps` slices of the batch, `inner_epochs` times.
+
+    Each optimizer step builds its loss weights W from all of its rows and steps first, then
+    backpropagates micro-batch by micro-batch and step by step: the gradient is exactly that of
+    the whole slice, whatever the micro-batch size.
+    """
+    rows_per_step = cfg.micro_batches_per_step * cfg.micro_batch
+    sums: dict[str, list[float]] = defaultdict(list)
+    for _ in range(cfg.inner_epochs):
+        for o in range(cfg.optimizer_steps):
+            lo = o * rows_per_step
+            mask = torch.ones(rows_per_step, len(steps))
+            W = loss_weights(mask, cfg.loss_agg, valid=adv.valid[lo : lo + rows_per_step])
+            for m in range(lo, lo + rows_per_step, cfg.micro_batch):
+                rows = slice(m, m + cfg.micro_batch)
+                w_rows = W[m - lo : m - lo + cfg.micro_batch]
+                for k, j in enumerate(steps.tolist()):
+                    logp, mean, std = policy.step_log_prob(ro, rows, j, cfg.guidance)
+                    old = ro.log_probs[rows, j]
+                    loss, st = ppo_clip_loss(logp[:, None], old[:, None], adv.advantages[rows],
+                                             cfg.clip_low, cfg.clip_high)
+                    if cfg.beta > 0:
+                        with torch.no_grad(), policy.reference() as ref:
+                            _, ref_mean, _ = policy.step_log_prob(ro, rows, j, cfg.guidance, transformer=ref, grad=False)
+                        kl = gaussian_mean_kl(mean, ref_mean, std)
+                        loss = loss + cfg.beta * kl[:, None]
+                        sums["kl"].append(float(kl.mean()))
+                    (loss * w_rows[:, k : k + 1]).sum().backward()
+                    for name, value in st.items():
+                        sums[name].append(float(value))
+            sums["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    out = {k: sum(v) / len(v) for k, v in sums.items() if k not in ("ratio_min", "ratio_max")}
+    if sums["ratio_min"]:
+        out["ratio_min"], out["ratio_max"] = min(sums["ratio_min"]), max(sums["ratio_max"])
+    return out
