@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import re
-from itertools import islice
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -83,17 +82,21 @@ def write_grids(out_dir: str | Path, rows: list[PromptRow], records: dict, n: in
 
     Border colour: green = every testpoint of that dimension passed, red = one failed, grey = not judged.
     """
+    if per_grid < 1:
+        raise ValueError(f"per_grid must be >= 1, got {per_grid}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     primaries = sorted({t.primary for r in rows for t in r.testpoints})
     written = []
     for primary in primaries:
-        cells = [
-            _tile(Path(images_dir) / f"{row.index}_{j}.png", tile, _colour(row, records.get((row.index, j)), primary),
-                  f"{row.index}_{j}")
-            for row, j in islice(((r, j) for r in rows if any(t.primary == primary for t in r.testpoints)
-                                  for j in range(n)), per_grid)
-        ]
+        # As many different prompts as fit, spread over the list; with few prompts, several images each.
+        prompts = [r for r in rows if any(t.primary == primary for t in r.testpoints)]
+        if len(prompts) >= per_grid:
+            picks = [(prompts[k * len(prompts) // per_grid], 0) for k in range(per_grid)]
+        else:
+            picks = [(r, j) for j in range(n) for r in prompts][:per_grid]
+        cells = [_tile(Path(images_dir) / f"{r.index}_{j}.png", tile, _colour(r, records.get((r.index, j)), primary),
+                       f"{r.index}_{j}") for r, j in picks]
         cols = math.ceil(math.sqrt(len(cells)))
         width, height = cells[0].size
         grid = Image.new("RGB", (cols * width, math.ceil(len(cells) / cols) * height), (255, 255, 255))

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from flowgrpo.eval.judge import JudgeResult
 from flowgrpo.eval.unigenbench import generate_images, judge_images, read_progress, run_unigenbench, summarize
 from flowgrpo.eval.unigenbench_data import PromptRow, load_prompts, parse_testpoint
+from flowgrpo.eval.unigenbench_report import FAIL, PASS, write_grids
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -125,7 +126,14 @@ def test_full_run_with_generation_and_a_programmatic_judge(tmp_path):
     grids = sorted(p.name for p in (tmp_path / "grids").iterdir())
     assert grids == sorted(f"{p.replace(' ', '_')}.png" for p in tallies)
     # Attribute appears in prompts 0, 3 (2 images each): 4 tiles of 136x150 in a 2x2 grid.
-    assert Image.open(tmp_path / "grids" / "Attribute.png").size == (2 * 136, 2 * 150)
+    grid = Image.open(tmp_path / "grids" / "Attribute.png").convert("RGB")
+    assert grid.size == (2 * 136, 2 * 150)
+    attribute = [k for k, t in enumerate(rows[3].testpoints) if t.primary == "Attribute"]  # tile 4 is 3_1
+    passed = all(corner_judge(Image.open(tmp_path / "images" / "3_1.png").convert("RGB"), rows[3]).scores[k] for k in attribute)
+    assert grid.getpixel((136 + 1, 150 + 1)) == (PASS if passed else FAIL)
+    records = read_progress(tmp_path / "progress.jsonl", rows, "corner_judge")
+    (few,) = write_grids(tmp_path / "few", rows[:4], records, 2, tmp_path / "images", per_grid=1)[1:2]
+    assert few.name == "Attribute.png" and Image.open(few).size == (136, 150)
     assert len((tmp_path / "progress.jsonl").read_text().splitlines()) == 10
     assert (tmp_path / "prompts.csv").exists() and len(load_prompts(tmp_path / "prompts.csv")) == 5
 
