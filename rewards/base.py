@@ -11,7 +11,7 @@ import inspect
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -19,7 +19,6 @@ import torch
 _RANGE_SLACK = 1e-3
 
 
-@runtime_checkable
 class RewardFn(Protocol):
     """Anything with a ``name`` that maps (images, prompts, metadata) to a [B] tensor."""
 
@@ -199,9 +198,13 @@ def _build(registry: dict[str, Callable[..., Any]], kind: str, name: str, config
     params = inspect.signature(ctor).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = sorted(set(config) - set(params))
+    accepted = ", ".join(p for p in params if p != "self")
     if unknown and not takes_any:
-        accepted = ", ".join(p for p in params if p != "self")
         raise TypeError(f"{kind} {name!r} got unknown option(s) {unknown}; accepted options: {accepted}")
+    missing = [p.name for p in params.values() if p.default is inspect.Parameter.empty
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in config]
+    if missing:
+        raise TypeError(f"{kind} {name!r} needs option(s) {missing}; accepted options: {accepted}")
     return ctor(**config)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from flowgrpo.rewards import (
+    JUDGES,
     REWARDS,
     MultiReward,
     PairwiseJudge,
@@ -82,8 +83,11 @@ def test_registry_errors_name_known_rewards_and_options():
     assert {"aesthetic", "clipscore", "ocr", "pickscore", "remote", "vlm", "weighted"} <= set(REWARDS)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['colour'\].*accepted options: url, token"):
         build_reward("remote", url="http://127.0.0.1:1", colour="red")
-    with pytest.raises(UnknownNameError, match="known judges: pointwise, vlm_pairwise"):
+    with pytest.raises(TypeError, match=r"reward 'clipscore' needs option\(s\) \['checkpoint'\]"):
+        build_reward("clipscore", arch="ViT-B-32")
+    with pytest.raises(UnknownNameError) as err:
         build_judge("nope")
+    assert f"known judges: {', '.join(sorted(JUDGES))}" in str(err.value) and {"pointwise", "vlm_pairwise"} <= set(JUDGES)
 
 
 def test_register_reward_and_weighted_sum_from_config(clean_registry):
