@@ -37,8 +37,8 @@ def register_unigenbench(eval_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default="shapes",
                    help="UniGenBench CSV (index,prompt_en|zh,sub_dims_en|zh) or 'shapes' for the Shapes test split")
     p.add_argument("--out", required=True, help="output folder (images/, progress.jsonl, results.csv, summary.json, report.md, grids/)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model path for flowgrpo.sample.load_generator (base, checkpoint or LoRA)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model path for flowgrpo.sample.load_generator (default: the shipped Shapes base model)")
     src.add_argument("--images", help="judge existing images DIR/{index}_{j}.png instead of generating")
     p.add_argument("--n", type=_positive_int, default=4, help="images per prompt (default 4, as in UniGenBench)")
     p.add_argument("--limit", type=_positive_int, help="only the first K prompts")
@@ -83,9 +83,14 @@ def _generator(args: argparse.Namespace):
     try:
         from flowgrpo.sample import load_generator
     except ImportError as err:
-        raise ValueError(f"--model needs flowgrpo.sample.load_generator, which this install lacks ({err}); "
+        raise ValueError(f"generating images needs flowgrpo.sample.load_generator, which this install lacks ({err}); "
                          "generate the images elsewhere and pass --images DIR") from None
-    return load_generator(args.model, **dict(args.gen_opt))
+    model = args.model
+    if model is None:
+        from flowgrpo.assets import SHAPES_MODEL
+
+        model = str(SHAPES_MODEL)
+    return load_generator(model, **dict(args.gen_opt))
 
 
 def run_unigenbench_command(args: argparse.Namespace) -> int:
@@ -100,7 +105,7 @@ def run_unigenbench_command(args: argparse.Namespace) -> int:
         else:
             rows = load_prompts(args.prompts, limit=args.limit)
         judge = _judge(args)
-        generate = _generator(args) if args.model else None
+        generate = None if args.images else _generator(args)
         summary = run_unigenbench(rows, args.out, judge, generate=generate, images_dir=args.images, n=args.n,
                                   seed=args.seed, batch_size=args.batch_size, concurrency=args.concurrency,
                                   grid_size=args.grid_size)
