@@ -1,0 +1,121 @@
+"""Shapes world: prompt set, renderer and the exact verifier."""
+import collections
+import random
+
+import numpy as np
+import pytest
+
+from flowgrpo.prompts.shapes import all_prompts, canonical_key, load_split
+from flowgrpo.shapes import world as W
+from flowgrpo.shapes.render import render, shape_mask
+from flowgrpo.shapes.verify import background_noise, detect, relative_position, verify
+
+
+def test_prompt_set_covers_all_tags_and_splits_are_fixed():
+    prompts = all_prompts()
+    assert len(prompts) == 126 and len({p["prompt"] for p in prompts}) == 126
+    assert collections.Counter(p["tag"] for p in prompts) == {
+        "single_object": 3, "two_object": 6, "counting": 9, "colors": 12, "position": 24, "color_attr": 72}
+    test = load_split("test")
+    assert len(test) == 300 and collections.Counter(e["tag"] for e in test) == {t: 50 for t in W.TAGS}
+    assert test == load_split("test")  # fixed
+    assert {e["prompt"] for e in test} <= {e["prompt"] for e in load_split("train")}
+    with pytest.raises(ValueError, match="unknown Shapes split"):
+        load_split("validation")
+
+
+def test_canonical_key_equates_equivalent_prompts():
+    by_prompt = {p["prompt"]: p for p in all_prompts()}
+    assert canonical_key(by_prompt["a photo of a circle and a square"]) == canonical_key(by_prompt["a photo of a square and a circle"])
+    assert canonical_key(by_prompt["a photo of a circle left of a square"]) == canonical_key(by_prompt["a photo of a square right of a circle"])
+    assert canonical_key(by_prompt["a photo of a circle above a square"]) != canonical_key(by_prompt["a photo of a circle below a square"])
+
+
+def _render_all(entries, per_entry, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(e, render(e, rng)) for e in entries for _ in range(per_entry)]
+
+
+def test_ground_truth_passes_on_the_test_split():
+    rendered = _render_all(load_split("test"), 2)
+    rate = np.mean([verify(img, e).passed for e, img in rendered])
+    assert rate >= 0.99
+
+
+def test_non_equivalent_prompts_of_the_same_tag_fail():
+    prompts, rng = all_prompts(), random.Random(1)
+    passed = collections.defaultdict(list)
+    for e, img in _render_all(load_split("test"), 1):
+        others = [o for o in prompts if o["tag"] == e["tag"] and canonical_key(o) != canonical_key(e)]
+        passed[e["tag"]].append(verify(img, rng.choice(others)).passed)
+    for tag, p in passed.items():
+        assert np.mean(p) <= 0.05, tag
+
+
+def test_noise_never_passes():
+    rng = np.random.default_rng(0)
+    entries = load_split("test")
+    assert not any(verify(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), e).passed for e in entries)
+
+
+def _canvas():
+    img = np.empty((32, 32, 3), np.uint8)
+    img[:] = W.BACKGROUND
+    return img
+
+
+def test_verifier_hand_made_cases():
+    red_circle_left = _canvas()
+    red_circle_left[shape_mask("circle", 8, 16)] = W.COLORS["red"]
+    red_circle_left[shape_mask("square", 24, 16)] = W.COLORS["blue"]
+    dets = {d.shape: d for d in detect(red_circle_left)}
+    assert set(dets) == {"circle", "square"} and dets["circle"].color == "red" and dets["square"].color == "blue"
+    assert relative_position(dets["circle"], dets["square"]) == {"left of"}
+    meta = {"tag": "position", "prompt": "", "include": [{"class": "square", "count": 1},
+                                                       {"class": "circle", "count": 1, "position": ["left of", 0]}]}
+    v = verify(red_circle_left, meta)
+    assert v.passed and v.score == 1.0
+    meta["include"][1]["position"] = ["right of", 0]
+    v = verify(red_circle_left, meta)
+    assert not v.passed and [r.kind for r in v.requirements if not r.ok] == ["position"]
+    assert v.score == pytest.approx(3 / 4)  # presence x2, position, quality
+
+
+def test_malformed_blob_and_merged_shapes_fail_the_image():
+    img = _canvas()
+    img[6:10, 4:26] = W.COLORS["green"]  # a long bar: extreme aspect ratio
+    img[20:29, 20:29] = W.COLORS["red"]
+    v = verify(img, {"tag": "single_object", "prompt": "", "include": [{"class": "square", "count": 1}]})
+    assert v.malformed == 1 and not v.passed
+    assert [r.kind for r in v.requirements if not r.ok] == ["quality"]
+    merged = _canvas()
+    merged[shape_mask("square", 10, 10)] = W.COLORS["red"]
+    merged[shape_mask("square", 19, 10)] = W.COLORS["red"]  # touching: one 19-px-wide component
+    assert [d.shape for d in detect(merged)] == [None]
+
+
+def test_counting_is_exact_and_colours_are_checked():
+    rng = np.random.default_rng(3)
+    three = next(e for e in all_prompts() if e["prompt"] == "a photo of three circles")
+    two = next(e for e in all_prompts() if e["prompt"] == "a photo of two circles")
+    img = render(three, rng)
+    assert verify(img, three).passed and not verify(img, two).passed  # exclude: fewer than 3
+    red = next(e for e in all_prompts() if e["prompt"] == "a photo of a red square")
+    assert verify(render(red, rng), red).passed
+
+
+def test_background_noise_guard():
+    rng = np.random.default_rng(0)
+    e = load_split("test")[0]
+    clean = render(e, rng)
+    assert background_noise(clean) == 0.0
+    grainy = np.clip(clean.astype(int) + rng.integers(-20, 21, clean.shape), 0, 255).astype(np.uint8)
+    assert verify(grainy, e).passed  # grain below the foreground threshold is invisible to verify ...
+    assert 8 < background_noise(grainy) < 12  # ... but the guard sees it (E|U(-20,20)| max over channels ~ 10)
+
+
+def test_render_rejects_impossible_entries():
+    with pytest.raises(ValueError, match="at most 4"):
+        render({"tag": "counting", "prompt": "five", "include": [{"class": "circle", "count": 5}]}, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="uint8"):
+        detect(np.zeros((32, 32, 3), np.float32))
