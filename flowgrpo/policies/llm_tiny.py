@@ -41,13 +41,16 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_causal_lm(
     path: str | Path, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2,
-    num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None, seed: int = 0,
+    num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None, initializer_range: float = 0.3,
+    seed: int = 0,
 ) -> Path:
     """Write a random ``arch`` ("qwen2" or "llama") causal LM and its char tokenizer to ``path``.
 
     Returns ``path``; load it back with ``AutoModelForCausalLM.from_pretrained(path)`` and
     ``PreTrainedTokenizerFast.from_pretrained(path)`` (for a qwen2 directory transformers 5's
     ``AutoTokenizer`` substitutes its byte-level Qwen2Tokenizer). ``seed`` fixes the weights.
+    The default ``initializer_range`` (0.3, vs 0.02 in transformers) makes the random model's
+    next-token distributions peaked and context-dependent, so greedy text varies like real text.
     """
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
@@ -58,7 +61,7 @@ def build_tiny_causal_lm(
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         intermediate_size=intermediate_size or 2 * hidden_size, max_position_embeddings=512,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=initializer_range,
     )
     torch.manual_seed(seed)  # from_config draws its init from the global stream
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
