@@ -32,8 +32,8 @@ class ClipScore(Reward):
             arch = cfg_file.stem
             open_clip.add_model_config(cfg_file)
         if not arch:
-            raise ValueError(f"option 'arch' is required: one of open_clip.list_models() such as 'ViT-B-32', "
-                             f"or pass 'model_config'")
+            raise ValueError("option 'arch' is required: one of open_clip.list_models() such as 'ViT-B-32', "
+                             "or pass 'model_config'")
         if arch.startswith(("hf-hub:", "local-dir:")) or arch not in open_clip.list_models():
             raise ValueError(f"arch {arch!r} is not a registered open_clip architecture; use a built-in name "
                              f"(open_clip.list_models()) or 'model_config' with a local JSON file")

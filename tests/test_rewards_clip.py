@@ -4,7 +4,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
@@ -99,6 +98,8 @@ def test_clipscore_local_path_errors(open_clip_ckpt, tmp_path):
         build_reward("clipscore", checkpoint="", arch="ViT-B-32")
     with pytest.raises(FileNotFoundError, match="model_config="):
         build_reward("clipscore", checkpoint=str(ckpt), model_config=str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match="option 'arch' is required"):
+        build_reward("clipscore", checkpoint=str(ckpt))
     with pytest.raises(ValueError, match="not a registered open_clip architecture"):
         build_reward("clipscore", checkpoint=str(ckpt), arch="hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
 

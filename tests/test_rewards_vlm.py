@@ -7,7 +7,6 @@ the caption.
 import base64
 import io
 import json
-import math
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
