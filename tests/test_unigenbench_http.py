@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from flowgrpo.eval.judge import ChatJudge, JudgeConfigError
+from flowgrpo.eval.judge import ChatJudge
 from flowgrpo.eval.unigenbench import run_unigenbench
 from flowgrpo.eval.unigenbench_data import PromptRow, load_prompts
 
