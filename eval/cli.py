@@ -121,7 +121,13 @@ def run_unigenbench_command(args: argparse.Namespace) -> int:
 
 
 # Hooks that each add one benchmark parser to `flowgrpo eval` (e.g. a geneval hook appended here).
-BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [register_unigenbench]
+def _register_geneval(eval_subparsers: argparse._SubParsersAction) -> None:
+    from flowgrpo.eval.geneval_cli import register_geneval
+
+    register_geneval(eval_subparsers)
+
+
+BENCHMARKS: list[Callable[[argparse._SubParsersAction], None]] = [register_unigenbench, _register_geneval]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -15,21 +15,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
+    from flowgrpo.assets import SHAPES_MODEL
+    from flowgrpo.sample import load_generator
 
-    from flowgrpo.policies.flow import FlowPolicy
-    from flowgrpo.rewards.shapes import to_uint8
-    from PIL import Image
-
-    policy = FlowPolicy.from_pretrained(args.model, micro_batch=args.batch)
-    if args.lora:
-        policy.pipe.load_lora_weights(args.lora)
+    generate = load_generator(args.model or str(SHAPES_MODEL), lora=args.lora, steps=args.steps,
+                              guidance=args.guidance, batch=args.batch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(args.seed)
-    images = to_uint8(policy.generate([args.prompt] * args.n, num_steps=args.steps, guidance=args.guidance, generator=g))
+    images = generate([args.prompt], args.n, args.seed)[0]
     for i, img in enumerate(images):
-        Image.fromarray(img).save(out / f"{i:03d}.png")
+        img.save(out / f"{i:03d}.png")
     print(f"wrote {len(images)} images to {out}")
     return 0
 

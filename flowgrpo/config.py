@@ -38,7 +38,7 @@ class TrainConfig:
     # rollouts
     prompts_per_iter: int = 6  # per process
     group_size: int = 8
-    micro_batch: int = 16
+    micro_batch: int = 12
     num_steps: int = 10  # SDE sampling steps (denoising reduction: fewer than eval_num_steps)
     train_steps: int = 0  # 0 = train on every SDE step; k > 0 = a random subset of k (DanceGRPO)
     guidance: float = 4.5

@@ -80,7 +80,7 @@ class FlowPolicy:
         path = Path(path)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **empty_components(path))
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **empty_components(path))
         family = family_for(pipe, **(family_options or {}))
         size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
         return cls(pipe, family, height=height or size, width=width or size, micro_batch=micro_batch, **kw)

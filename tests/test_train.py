@@ -1,0 +1,160 @@
+"""The Flow-GRPO training path on a tiny Shapes SD3 pipeline: ratio 1, invariances, exact resume."""
+import json
+
+import pytest
+import torch
+
+from flowgrpo.checkpoint import load_checkpoint
+from flowgrpo.config import ConfigError, TrainConfig, make_config
+from flowgrpo.core import compute_advantages
+from flowgrpo.policies.flow import FlowPolicy
+from flowgrpo.prompts.shapes import load_split
+from flowgrpo.samplers.rollout import group_noise
+from flowgrpo.shapes.model import TransformerSpec, build_pipeline
+from flowgrpo.train import train
+from flowgrpo.update import grpo_update
+
+PROMPTS = ["a photo of a red circle", "a photo of two squares"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-shapes")
+    build_pipeline(TransformerSpec(num_layers=1, attention_head_dim=8, num_attention_heads=2), seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def eval_file(tmp_path):
+    p = tmp_path / "eval.jsonl"
+    p.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::100]))
+    return str(p)
+
+
+def _rollout(policy, generator, guidance=4.5, steps=4):
+    entries = [{"prompt": p} for p in PROMPTS for _ in range(4)]
+    gids = torch.arange(2).repeat_interleave(4)
+    x = group_noise(2, 4, policy.latent_shape(), generator=generator, shared=False)
+    sigmas = policy.sigmas(steps)
+    return policy.rollout([e["prompt"] for e in entries], entries, gids, x, sigmas=sigmas,
+                          sde_mask=torch.ones(steps, dtype=torch.bool), guidance=guidance, kind="flow_grpo",
+                          noise_level=0.7, generator=generator)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_importance_ratio_is_one_on_the_first_inner_step(tiny_model, guidance):
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+    ro = _rollout(policy, torch.Generator().manual_seed(0), guidance)
+    for start in (0, 4):
+        rows = slice(start, start + 4)
+        for j in range(4):
+            logp, _, _ = policy.step_log_prob(ro, rows, j, guidance)
+            ratio = torch.exp(logp - ro.log_probs[rows, j])
+            assert (ratio - 1).abs().max() < 1e-5
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that keeps a copy of the gradients it was asked to apply."""
+
+    def step(self, closure=None):
+        self.seen = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
+def test_update_gradient_does_not_depend_on_micro_batching(tiny_model):
+    # float64, so that what is compared is the maths and not float32 rounding of other batch shapes.
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4, dtype=torch.float64)
+    params = policy.trainable_parameters()
+    ro = _rollout(policy, torch.Generator().manual_seed(1))
+    rewards = torch.tensor([0.1, 0.5, 0.9, 0.2, 1.0, 0.0, 0.5, 0.5])
+    adv = compute_advantages("grpo", rewards, ro.group_ids)
+    steps = torch.arange(4)
+    grads = {}
+    for mb in (8, 4, 2):
+        cfg = TrainConfig(prompts_per_iter=2, group_size=4, micro_batch=mb, optimizer_steps=1, loss_agg="token-mean")
+        opt = RecordingAdamW(params, lr=0.0)
+        grpo_update(policy, opt, params, ro, adv, steps, cfg)
+        grads[mb] = opt.seen
+    ref = torch.cat([g.flatten() for g in grads[8]])
+    assert ref.norm() > 0
+    for mb in (4, 2):
+        other = torch.cat([g.flatten() for g in grads[mb]])
+        assert (other - ref).norm() / ref.norm() < 1e-9
+
+
+def test_beta_zero_never_builds_the_reference_and_kl_starts_at_zero(tiny_model):
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+    params = policy.trainable_parameters()
+    ro = _rollout(policy, torch.Generator().manual_seed(2))
+    adv = compute_advantages("grpo", torch.rand(8, generator=torch.Generator().manual_seed(0)), ro.group_ids)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    base = dict(prompts_per_iter=2, group_size=4, micro_batch=4, optimizer_steps=2)
+    stats = grpo_update(policy, opt, params, ro, adv, torch.arange(4), TrainConfig(beta=0.0, **base))
+    assert policy._reference is None and "kl" not in stats
+    policy2 = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+    params2 = policy2.trainable_parameters()
+    stats = grpo_update(policy2, torch.optim.AdamW(params2, lr=1e-3), params2, ro, adv, torch.arange(4),
+                        TrainConfig(beta=0.1, optimizer_steps=1, **{k: v for k, v in base.items() if k != "optimizer_steps"}))
+    assert policy2._reference is not None and stats["kl"] == pytest.approx(0.0, abs=1e-12)  # one step: policy == ref
+
+
+def _cfg(model, out, evalf, iterations, **kw):
+    return TrainConfig(model=str(model), out=str(out), eval_prompts=evalf, iterations=iterations, prompts_per_iter=2,
+                       group_size=4, micro_batch=4, num_steps=3, eval_num_steps=3, eval_images_per_prompt=1,
+                       eval_every=100, save_every=1, log_with="", **kw)
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tiny_model, tmp_path, eval_file):
+    straight = train(_cfg(tiny_model, tmp_path / "a", eval_file, 3))
+    train(_cfg(tiny_model, tmp_path / "b", eval_file, 1))
+    resumed = train(_cfg(tiny_model, tmp_path / "b", eval_file, 3))
+    assert straight["iterations"] == resumed["iterations"] == 3
+    wa = (tmp_path / "a" / "checkpoint" / "weights.safetensors").read_bytes()
+    wb = (tmp_path / "b" / "checkpoint" / "weights.safetensors").read_bytes()
+    assert wa == wb  # bit-identical weights after 1 + 2 iterations vs 3 straight
+    sa = json.loads((tmp_path / "a" / "checkpoint" / "state.json").read_text())
+    sb = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    assert sa["rollout_rng"] == sb["rollout_rng"] and sa["prompt_rng"] == sb["prompt_rng"]
+    ra = [h["reward_mean"] for h in sa["history"]["train"]]
+    rb = [h["reward_mean"] for h in sb["history"]["train"]]
+    assert ra == rb
+    assert (tmp_path / "a" / "eval" / "base" / "grid.png").is_file() and (tmp_path / "a" / "report.md").is_file()
+    assert (tmp_path / "a" / "final" / "model_index.json").is_file()
+
+
+def test_bad_checkpoints_are_refused_clearly(tiny_model, tmp_path, eval_file):
+    train(_cfg(tiny_model, tmp_path / "run", eval_file, 1))
+    ckpt = tmp_path / "run" / "checkpoint"
+    policy = FlowPolicy.from_pretrained(tiny_model)
+    opt = torch.optim.AdamW(policy.trainable_parameters())
+    (ckpt / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_checkpoint(ckpt, policy.transformer, opt)
+    (ckpt / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing \['optimizer.pt'\]"):
+        load_checkpoint(ckpt, policy.transformer, opt)
+    other = build_pipeline(TransformerSpec(num_layers=2, attention_head_dim=8, num_attention_heads=2)).transformer
+    train(_cfg(tiny_model, tmp_path / "run2", eval_file, 1))
+    with pytest.raises(ValueError, match="does not match the model's trainable parameters"):
+        load_checkpoint(tmp_path / "run2" / "checkpoint", other, torch.optim.AdamW(other.parameters()))
+
+
+def test_config_validation_names_the_numbers(tmp_path):
+    with pytest.raises(ConfigError, match=r"6 x 8 = 48 is not a multiple of micro_batch=20"):
+        TrainConfig(micro_batch=20)
+    with pytest.raises(ConfigError, match=r"3 micro-batches per iteration cannot be split evenly into optimizer_steps=2"):
+        TrainConfig(micro_batch=16, prompts_per_iter=6, group_size=8, optimizer_steps=2)
+    with pytest.raises(ConfigError, match="unknown option"):
+        make_config("shapes", overrides={"learning_rate": 1})
+    with pytest.raises(ConfigError, match="needs --model PATH"):
+        make_config("sd35-medium")
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 0.001\nguidance: 2\n")
+    cfg = make_config("shapes", str(y), {"guidance": "3.5"})
+    assert cfg.lr == 0.001 and cfg.guidance == 3.5
+    y.write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        make_config("shapes", str(y))
+    with pytest.raises(ConfigError, match="cannot read 'fast' as float"):
+        make_config("shapes", overrides={"lr": "fast"})
