@@ -2,7 +2,8 @@
 
 The arithmetic task asks "What is 17+25? Answer with just the number." as a chat prompt; a
 completion is correct only if, stripped of surrounding whitespace, it is exactly the integer
-answer. Reward functions follow TRL's signature ``fn(prompts, completions, **columns)``, where a
+answer (``correct_answer_reward``); ``final_answer_reward`` checks only the value (the last integer
+in the text, so "7 + 5 = 12" counts), a denser signal for small models. Reward functions follow TRL's signature ``fn(prompts, completions, **columns)``, where a
 completion is a string or, for chat prompts, a list with one assistant message.
 """
 
@@ -12,7 +13,10 @@ import re
 
 import torch
 
-__all__ = ["arithmetic_task", "completion_text", "parse_integer", "correct_answer_reward", "integer_format_reward"]
+__all__ = [
+    "arithmetic_task", "completion_text", "parse_integer", "last_integer",
+    "correct_answer_reward", "final_answer_reward", "integer_format_reward",
+]
 
 _INTEGER = re.compile(r"-?\d+")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -59,9 +63,20 @@ def parse_integer(text: str) -> int | None:
     return int(stripped) if _INTEGER.fullmatch(stripped) else None
 
 
+def last_integer(text: str) -> int | None:
+    """The last integer written in ``text`` (None if there is none)."""
+    found = _INTEGER.findall(text)
+    return int(found[-1]) if found else None
+
+
 def correct_answer_reward(prompts: list, completions: list, answer: list[str], **_) -> list[float]:
     """1.0 if the completion is exactly the integer ``answer``, else 0.0."""
     return [float(parse_integer(completion_text(c)) == int(a)) for c, a in zip(completions, answer)]
+
+
+def final_answer_reward(prompts: list, completions: list, answer: list[str], **_) -> list[float]:
+    """1.0 if the last integer in the completion is the ``answer``, else 0.0."""
+    return [float(last_integer(completion_text(c)) == int(a)) for c, a in zip(completions, answer)]
 
 
 def integer_format_reward(prompts: list, completions: list, **_) -> list[float]:

@@ -6,7 +6,9 @@ from flowgrpo.prompts.llm_tasks import (
     arithmetic_task,
     completion_text,
     correct_answer_reward,
+    final_answer_reward,
     integer_format_reward,
+    last_integer,
     parse_integer,
 )
 
@@ -34,12 +36,20 @@ def test_parse_integer_is_exact(text, value):
     assert parse_integer(text) == value
 
 
+@pytest.mark.parametrize(("text", "value"), [
+    ("7 + 5 = 12", 12), ("The answer is -3.", -3), ("12 apples and 3 pears", 3), ("none", None), ("", None),
+])
+def test_last_integer(text, value):
+    assert last_integer(text) == value
+
+
 def test_rewards_in_trl_signature_for_text_and_chat_completions():
     prompts = ["q"] * 4
     completions = ["42", " 42\n", "42 apples", "-3"]
     answer = ["42", "42", "42", "3"]
     assert correct_answer_reward(prompts, completions, answer=answer) == [1.0, 1.0, 0.0, 0.0]
     assert integer_format_reward(prompts, completions, answer=answer) == [1.0, 1.0, 0.0, 1.0]
+    assert final_answer_reward(prompts, completions + ["3+39=42"], answer=answer + ["42"]) == [1.0, 1.0, 1.0, 0.0, 1.0]
     chat = [[{"role": "assistant", "content": c}] for c in completions]
     assert correct_answer_reward(prompts, chat, answer=answer, question=["x"] * 4) == [1.0, 1.0, 0.0, 0.0]
     with pytest.raises(TypeError, match="a completion must be"):
