@@ -33,6 +33,9 @@ class TrainConfig:
     eval_prompts: str = "shapes:test"
     reward: str = "shapes"
     reward_options: dict = field(default_factory=dict)
+    judge: str = ""  # Pref-GRPO: a pairwise judge name (e.g. shapes, vlm_pairwise); "" = pointwise GRPO
+    judge_options: dict = field(default_factory=dict)
+    pointwise_weight: float = 0.0  # Pref-GRPO: weight of the pointwise reward's advantages in the mix
     out: str = "runs/shapes-grpo"
     seed: int = 0
     # rollouts
@@ -88,6 +91,8 @@ class TrainConfig:
         if (self.batch_size // self.micro_batch) % self.optimizer_steps:
             raise ConfigError(f"{self.batch_size // self.micro_batch} micro-batches per iteration cannot be split evenly "
                               f"into optimizer_steps={self.optimizer_steps}")
+        if not 0 <= self.pointwise_weight <= 1:
+            raise ConfigError(f"pointwise_weight must be in [0, 1], got {self.pointwise_weight}")
         for name in ("clip_low", "clip_high", "beta", "lr", "noise_level", "adv_clip", "max_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

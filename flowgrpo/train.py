@@ -22,7 +22,8 @@ from flowgrpo.core import compute_advantages
 from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, write_report
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.prompts.loaders import load_prompts
-from flowgrpo.rewards import build_reward
+from flowgrpo.pref import pref_advantages
+from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.samplers.rollout import group_noise
 from flowgrpo.shapes.data import tag_balanced_indices
 from flowgrpo.update import grpo_update, train_step_indices
@@ -77,6 +78,7 @@ def train(cfg: TrainConfig) -> dict:
     params = policy.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     reward_fn = build_reward(cfg.reward, **cfg.reward_options)
+    judge = build_judge(cfg.judge, **cfg.judge_options) if cfg.judge else None
     train_entries, eval_entries = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)
     ckpt = out / "checkpoint"
     if cfg.resume and ckpt.exists():
@@ -106,10 +108,14 @@ def train(cfg: TrainConfig) -> dict:
                             sde_mask=sde_mask, guidance=cfg.guidance, kind=cfg.sde_kind,
                             noise_level=cfg.noise_level, generator=state.rollout_rng)
         rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
-        opts = dict(cfg.advantage_options)
-        if cfg.advantage in TRACKED_ESTIMATORS:
-            opts.update(tracker=state.tracker, prompt_keys=ro.prompts)
-        adv = compute_advantages(cfg.advantage, rewards, group_ids, adv_clip=cfg.adv_clip, zero_std=cfg.zero_std, **opts)
+        if judge is not None:
+            adv = pref_advantages(judge, ro, rewards, cfg)
+        else:
+            opts = dict(cfg.advantage_options)
+            if cfg.advantage in TRACKED_ESTIMATORS:
+                opts.update(tracker=state.tracker, prompt_keys=ro.prompts)
+            adv = compute_advantages(cfg.advantage, rewards, group_ids, adv_clip=cfg.adv_clip, zero_std=cfg.zero_std,
+                                     **opts)
         steps = train_step_indices(ro, cfg, state.rollout_rng)
         stats = grpo_update(policy, optimizer, params, ro, adv, steps, cfg)
         state.iteration += 1

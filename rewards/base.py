@@ -184,6 +184,7 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
 }
 
 JUDGES: dict[str, Callable[..., PairwiseJudge]] = {
+    "shapes": _Lazy("flowgrpo.rewards.shapes:shapes_judge"),
     "vlm_pairwise": _Lazy("flowgrpo.rewards.vlm:VlmPairwiseJudge"),
     "pointwise": _Lazy("flowgrpo.rewards.pairwise:PointwiseAsPairwise.from_config"),
 }

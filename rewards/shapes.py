@@ -33,3 +33,10 @@ class ShapesReward(Reward):
             v = verify(img, meta)
             out.append(v.score if self.mode == "partial" else float(v.passed))
         return torch.tensor(out)
+
+
+def shapes_judge(temperature: float = 0.1, mode: str = "partial"):
+    """Pairwise Shapes comparator for Pref-GRPO: Bradley-Terry over the verifier's score."""
+    from flowgrpo.rewards.pairwise import PointwiseAsPairwise
+
+    return PointwiseAsPairwise(ShapesReward(mode), temperature)
