@@ -123,6 +123,26 @@ def test_logprob_matches_unpadded_model_at_temperature(tiny):
     assert logp[0, 2] == 0
 
 
+def test_shared_prompt_prefill_equals_rows_run_alone(tiny):
+    """Repeated prompts share one prefill; log-probs and gradients equal those of each row alone."""
+    model, tok = tiny
+    policy = LLMPolicy(model, tok, SamplingConfig(max_new_tokens=8, temperature=0.9, stop=("e",)))
+    r = policy.rollout(["abc"] * 3 + ["What is 2+2?"] * 3, torch.Generator().manual_seed(4))
+    model.zero_grad()
+    shared = policy.log_prob(r)
+    (shared * torch.arange(1.0, 7.0)[:, None]).sum().backward()
+    g_shared = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    alone = []
+    for i in range(6):
+        lp = policy.log_prob(r.select(slice(i, i + 1)))
+        (lp * (i + 1)).sum().backward()
+        alone.append(lp.detach())
+    assert torch.allclose(shared.detach(), torch.cat(alone), atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(g_shared[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
 def test_top_p_filter_hand_computed():
     probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])
     # sorted: 0.5, 0.25, 0.15, 0.1; top_p 0.7 keeps 0.5 and 0.25 (mass 0.75 >= 0.7)

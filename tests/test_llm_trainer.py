@@ -103,18 +103,23 @@ def test_first_inner_step_has_ratio_one_and_later_steps_move(path):
                                       "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("beta", [0.0, 0.05])
 def test_gradient_is_independent_of_micro_batching(path, loss_agg, beta):
-    kw = dict(loss_agg=loss_agg, beta=beta, advantage_opts={"scale": "none"}, max_grad_norm=None)
+    """1 vs 4 micro-batches give the same loss and gradient up to fp32 rounding: max |diff| <= 1e-5 x the
+    largest gradient entry (observed ~1e-6, while normalising per micro-batch instead is off by
+    > 1e-2). Row 0 is unscorable, so micro-batches hold different numbers of valid sequences."""
+    def reward(prompts, completions, **_):
+        return [None] + distinct(prompts, completions[1:])
+
+    kw = dict(loss_agg=loss_agg, beta=beta, advantage_opts={"scale": "none"}, max_grad_norm=None, reward_fns=reward)
     whole = _trainer(path, **kw)
     split = _trainer(path, micro_batch_size=2, **kw)  # 4 micro-batches
     m1, m4 = whole.step(PROMPTS[:2]), split.step(PROMPTS[:2])
     g1, g4 = _grads(whole), _grads(split)
-    lengths = m1["completion_len"]
-    assert m1["loss"] == pytest.approx(m4["loss"], abs=1e-6)
-    assert 1 < lengths < 8  # completions of different lengths make the normaliser matter
+    assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6, abs=1e-7)
+    assert 1 < m1["completion_len"] < 8  # completions of different lengths make the normaliser matter
     scale = max(float(g.abs().max()) for g in g1.values())
     assert scale > 1e-4
-    for name in g1:
-        assert (g1[name] - g4[name]).abs().max() <= 1e-6 * max(scale, 1.0), name
+    worst = max(float((g1[n] - g4[n]).abs().max()) for n in g1)
+    assert worst <= 1e-5 * scale
 
 
 # ---- reference --------------------------------------------------------------------------------
@@ -132,7 +137,8 @@ def test_frozen_reference_runs_only_when_beta_positive(path, beta):
               micro_batch_size=4, max_new_tokens=6)
     m = tr.step(PROMPTS[:2])
     tr.step(PROMPTS[2:4])
-    assert len(calls) == (0 if beta == 0 else 2 * 2)  # two micro-batches per step
+    # per step: two micro-batches, each one prompt forward + one completion forward
+    assert len(calls) == (0 if beta == 0 else 2 * 2 * 2)
     assert ("kl" in m) == (beta > 0)
 
 
@@ -145,7 +151,7 @@ def test_lora_reference_runs_only_when_beta_positive(path, beta):
     tr = GRPO(lora, tok, distinct, beta=beta, num_generations=4, prompts_per_step=2, max_new_tokens=6,
               learning_rate=1e-2)
     m = tr.step(PROMPTS[:2])
-    assert len(calls) == (0 if beta == 0 else 1)
+    assert len(calls) == (0 if beta == 0 else 2)  # prompt forward + completion forward
     if beta:
         assert m["kl"] == 0.0  # LoRA B starts at zero: policy = reference on the first step
     assert all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)

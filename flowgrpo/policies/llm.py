@@ -11,6 +11,7 @@ TRL); the sampler records the same quantity so the two can be compared token by 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -100,6 +101,8 @@ def load_causal_lm(
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if gguf_file is not None:
+        model = _plain_copy(model, dtype)
     if lora_rank is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -107,6 +110,21 @@ def load_causal_lm(
                             target_modules=lora_target_modules, lora_dropout=0.0)
         model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def _plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The same weights in a model without transformers' "gguf quantized" tag.
+
+    transformers dequantises GGUF weights to ``dtype`` but keeps the tag, which blocks
+    ``save_pretrained`` and ``Trainer``; the weights themselves are ordinary tensors.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer) -> set[int]:
@@ -124,6 +142,15 @@ def _cache_kwarg(model: PreTrainedModel) -> str:
     # transformers >= 5.2x renamed the forward argument `past_key_values` to `cache`
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows of the distinct prompts (first occurrence), each row's index among them)."""
+    key = torch.where(prompt_mask, prompt_ids, -1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((int(inverse.max()) + 1,), len(key), device=key.device)
+    return first.scatter_reduce(0, inverse, rows, "amin"), inverse
 
 
 def _top_p_filter(probs: Tensor, top_p: float) -> Tensor:
@@ -196,6 +223,20 @@ class LLMPolicy:
         ends = [text.find(s) + len(s) for s in self.sampling.stop if s in text]
         return min(ends) if ends else None
 
+    def _prefill(self, model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[dict, Tensor, Tensor]:
+        """Run each distinct prompt once and share its KV cache with every row that repeats it
+        (a group's G completions): returns (cache kwargs, logits [B, V] for the first completion
+        token, positions [B, 1] of that token). Differentiable: gradients of the shared prompt
+        activations sum over the rows, exactly as if each row had been run alone."""
+        first, inverse = _distinct_prompts(prompt_ids, prompt_mask)
+        attn = prompt_mask[first].long()
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=prompt_ids[first], attention_mask=attn, position_ids=pos, use_cache=True,
+                    logits_to_keep=1, **{_cache_kwarg(model): cache})
+        cache.batch_select_indices(inverse)
+        return {_cache_kwarg(model): cache}, out.logits[inverse, -1], pos[inverse, -1:] + 1
+
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Prompt], generator: torch.Generator) -> TokenRollout:
         """Sample one completion per prompt (repeat a prompt G times for a group)."""
@@ -203,18 +244,14 @@ class LLMPolicy:
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
         b = prompt_ids.shape[0]
         device = prompt_ids.device
+        cache, logits, next_pos = self._prefill(self.model, prompt_ids, prompt_mask)
         attn = prompt_mask.long()
-        pos = (attn.cumsum(1) - 1).clamp(min=0)
-        cache = {_cache_kwarg(self.model): DynamicCache(config=self.model.config)}
-        out = self.model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos,
-                         use_cache=True, logits_to_keep=1, **cache)
-        next_pos = pos[:, -1:] + 1
         eos = torch.tensor(sorted(self.eos_ids), device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         tokens, logps, masks = [], [], []
         texts: list[str | None] = [None] * b
         for _ in range(cfg.max_new_tokens):
-            logp_all = torch.log_softmax(out.logits[:, -1].float() / cfg.temperature, dim=-1)
+            logp_all = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)
             probs = logp_all.exp()
             if cfg.top_p < 1:
                 probs = _top_p_filter(probs, cfg.top_p)
@@ -234,8 +271,8 @@ class LLMPolicy:
             if bool(done.all()):
                 break
             attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
-                             use_cache=True, **cache)
+            logits = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+                                use_cache=True, **cache).logits[:, -1]
             next_pos = next_pos + 1
         completion_ids = torch.stack(tokens, dim=1)
         completion_mask = torch.stack(masks, dim=1)
@@ -248,13 +285,16 @@ class LLMPolicy:
 
     # ---- log-probs ---------------------------------------------------------------------------
     def _token_logp(self, model: PreTrainedModel, r: TokenRollout) -> Tensor:
-        ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
-        attn = torch.cat([r.prompt_mask, r.completion_mask], dim=1).long()
-        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        cache, first_logits, pos0 = self._prefill(model, r.prompt_ids, r.prompt_mask)
         t = r.completion_ids.shape[1]
-        # logits at positions P-1 .. P+T-2 predict the T completion tokens
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                       logits_to_keep=t + 1).logits[:, :-1].float() / self.sampling.temperature
+        logits = first_logits[:, None]
+        if t > 1:  # completion tokens 0..T-2 predict tokens 1..T-1
+            attn = torch.cat([r.prompt_mask, r.completion_mask[:, :-1]], dim=1).long()
+            pos = pos0 + torch.arange(t - 1, device=pos0.device)
+            rest = model(input_ids=r.completion_ids[:, :-1], attention_mask=attn, position_ids=pos,
+                         use_cache=True, **cache).logits
+            logits = torch.cat([logits, rest], dim=1)
+        logits = logits.float() / self.sampling.temperature
         picked = logits.gather(2, r.completion_ids[:, :, None]).squeeze(2)
         logp = picked - torch.logsumexp(logits, dim=2)
         return logp.masked_fill(~r.completion_mask, 0.0)  # never NaN/garbage outside the mask
