@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from flowgrpo.policies.llm import LLMPolicy, SamplingConfig, TokenRollout, _top_p_filter
+from flowgrpo.policies.llm import LLMPolicy, SamplingConfig, TokenRollout, _plain_copy, _top_p_filter, load_causal_lm
 from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
 
 
@@ -213,3 +213,26 @@ def test_bad_prompts(tiny):
         policy.encode_prompts([])
     with pytest.raises(TypeError, match="str or a list of chat messages"):
         policy.encode_prompts([42])
+
+
+def test_load_causal_lm_from_a_local_dir_with_lora(tmp_path):
+    path = build_tiny_causal_lm(tmp_path / "m", arch="llama", seed=5)
+    model, tok = load_causal_lm(path, lora_rank=2)
+    assert tok("ab")["input_ids"] == [tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert LLMPolicy(model, tok).is_peft
+    with pytest.raises(FileNotFoundError, match="local paths only"):
+        load_causal_lm(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="GGUF file"):
+        load_causal_lm(path, gguf_file="model.gguf")
+
+
+def test_plain_copy_keeps_weights_and_generation_config(tiny, tmp_path):
+    model, _ = tiny
+    plain = _plain_copy(model, torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert plain.generation_config.eos_token_id == model.generation_config.eos_token_id
+    plain.save_pretrained(tmp_path / "saved")  # a plain model is serialisable

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from flowgrpo.core import ADVANTAGES
 from flowgrpo.llm import GRPO, GRPOConfig
+from flowgrpo.policies.llm import LLMPolicy
 from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
 
 PROMPTS = [{"prompt": p, "answer": str(i)} for i, p in enumerate(["ab", "xyz", "hello", "q", "12+3", "zz", "k", "mn"])]
@@ -167,7 +168,6 @@ def test_none_reward_gets_zero_weight_hand_computed_gradient(path):
     # replay the same rollout from the same seed to build the expectation independently
     probe, _ = _load(path)
     gen = torch.Generator().manual_seed(0)
-    from flowgrpo.policies.llm import LLMPolicy
     policy = LLMPolicy(probe, tr.policy.tokenizer, tr.config.sampling)
     rollout = policy.rollout([r["prompt"] for r in PROMPTS[:2] for _ in range(3)], gen)
     m = tr.step(PROMPTS[:2])
