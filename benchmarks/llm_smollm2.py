@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--max-operand", type=int, default=9)
     ap.add_argument("--eval-prompts", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint", action="store_true", help="save a resumable checkpoint at the end (~1.6 GB)")
     ap.add_argument("--smoke", action="store_true", help="2 tiny steps and a 4-prompt eval")
     args = ap.parse_args()
     if args.smoke:
@@ -79,7 +80,7 @@ def main() -> None:
         advantage=args.advantage, loss_agg="seq-mean-token-mean", num_generations=args.generations,
         prompts_per_step=args.prompts_per_step, micro_batch_size=args.micro_batch, beta=0.0,
         learning_rate=args.lr, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        stop=("\n",), seed=args.seed, output_dir=str(args.out / "checkpoints"),
+        stop=("\n",), seed=args.seed, output_dir=str(args.out / "checkpoints") if args.checkpoint else None,
     )
     before = greedy_accuracy(trainer.policy, test, args.max_new_tokens)
     print(f"greedy test accuracy before: {before}")
