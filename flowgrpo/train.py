@@ -20,6 +20,7 @@ from flowgrpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from flowgrpo.config import TrainConfig
 from flowgrpo.core import compute_advantages
 from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, write_report
+from flowgrpo.eval.reward_eval import RewardEvalResult, evaluate_reward, is_geneval, write_reward_report
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.prompts.loaders import load_prompts
 from flowgrpo.pref import pref_advantages
@@ -35,7 +36,7 @@ def load_policy(cfg: TrainConfig) -> FlowPolicy:
     policy = FlowPolicy.from_pretrained(cfg.model, height=cfg.height or None, width=cfg.width or None,
                                         micro_batch=cfg.micro_batch, family_options=cfg.family_options)
     if cfg.lora_rank:
-        policy.add_lora(cfg.lora_rank)
+        policy.add_lora(cfg.lora_rank, seed=cfg.seed)
     return policy
 
 
@@ -58,9 +59,16 @@ def sample_groups(entries: list[dict], cfg: TrainConfig, rng: np.random.Generato
     return picked, group_ids
 
 
-def run_eval(policy: FlowPolicy, entries: list[dict], cfg: TrainConfig, out: Path, name: str) -> GenevalResult:
-    result = evaluate(policy, entries, images_per_prompt=cfg.eval_images_per_prompt, num_steps=cfg.eval_num_steps,
-                      guidance=cfg.guidance, seed=cfg.seed)
+def run_eval(policy: FlowPolicy, entries: list[dict], cfg: TrainConfig, out: Path, name: str,
+             reward_fn) -> GenevalResult | RewardEvalResult:
+    """GenEval accuracy when the eval prompts carry GenEval metadata; otherwise the training reward's mean."""
+    kw = dict(images_per_prompt=cfg.eval_images_per_prompt, num_steps=cfg.eval_num_steps, guidance=cfg.guidance,
+              seed=cfg.seed)
+    if not is_geneval(entries):
+        result = evaluate_reward(policy, entries, reward_fn, **kw)
+        write_reward_report(result, out / "eval" / name)
+        return result
+    result = evaluate(policy, entries, **kw)
     write_report(result, out / "eval" / name, name=name)
     return result
 
@@ -89,11 +97,13 @@ def train(cfg: TrainConfig) -> dict:
     sigmas = policy.sigmas(cfg.num_steps)
     sde_mask = sde_mask_for(cfg, sigmas)
 
-    results: dict[str, GenevalResult] = {}
+    results: dict[str, GenevalResult | RewardEvalResult] = {}
     if not state.history["eval"]:
-        results["base"] = run_eval(policy, eval_entries, cfg, out, "base")
+        results["base"] = run_eval(policy, eval_entries, cfg, out, "base", reward_fn)
         state.history["eval"].append({"iteration": 0, **results["base"].summary()})
-        tqdm.write("base model:\n" + markdown_table({"base": results["base"]}))
+        r = results["base"]
+        tqdm.write("base model: " + (f"eval reward {r.mean:.4f} ± {r.stderr:.4f}" if isinstance(r, RewardEvalResult)
+                                     else "\n" + markdown_table({"base": r})))
 
     bar = tqdm(total=cfg.iterations, initial=state.iteration, desc="grpo")
     while state.iteration < cfg.iterations:
@@ -133,24 +143,29 @@ def train(cfg: TrainConfig) -> dict:
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", clip=f"{stats.get('clip_frac', 0):.2f}")
 
         if state.iteration % cfg.eval_every == 0:
-            _eval_and_log(policy, eval_entries, cfg, out, state, accel, results)
+            _eval_and_log(policy, eval_entries, cfg, out, state, accel, results, reward_fn)
         if state.iteration % cfg.save_every == 0:
             save_checkpoint(ckpt, policy.transformer, optimizer, state)
     bar.close()
 
     if state.history["eval"][-1]["iteration"] != state.iteration:
-        _eval_and_log(policy, eval_entries, cfg, out, state, accel, results)
+        _eval_and_log(policy, eval_entries, cfg, out, state, accel, results, reward_fn)
     save_checkpoint(ckpt, policy.transformer, optimizer, state)
     policy.save(out / "final")
     accel.end_training()
     return _finish(state, out)
 
 
-def _eval_and_log(policy, entries, cfg, out, state, accel, results) -> None:
+def _eval_and_log(policy, entries, cfg, out, state, accel, results, reward_fn) -> None:
     name = f"iter{state.iteration:05d}"
-    results[name] = run_eval(policy, entries, cfg, out, name)
+    results[name] = run_eval(policy, entries, cfg, out, name, reward_fn)
     r = results[name]
     state.history["eval"].append({"iteration": state.iteration, **r.summary()})
+    if isinstance(r, RewardEvalResult):
+        accel.log({"eval/reward": r.mean}, step=state.iteration)
+        tqdm.write(f"iteration {state.iteration}: eval reward {r.mean:.4f} ± {r.stderr:.4f} "
+                   f"(grid {out / 'eval' / name / 'grid.png'})")
+        return
     accel.log({f"eval/{k}": v for k, v in r.accuracy.items()} | {"eval/malformed": r.malformed,
               "eval/background_noise": r.background_noise}, step=state.iteration)
     tqdm.write(f"iteration {state.iteration}: overall {100 * r.accuracy['overall']:.1f}% "
@@ -158,11 +173,18 @@ def _eval_and_log(policy, entries, cfg, out, state, accel, results) -> None:
 
 
 def _finish(state: TrainState, out: Path) -> dict:
-    """Print and write base vs trained accuracy from the evaluation history."""
+    """Print and write base vs trained accuracy (or eval reward) from the evaluation history."""
     base, last = state.history["eval"][0], state.history["eval"][-1]
     summary = {"base": base, "trained": last, "iterations": state.iteration,
                "train_minutes": state.train_seconds / 60, "out": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if "reward" in base:  # eval prompts without GenEval metadata: the training reward
+        table = "| model | eval reward |\n|---|---|\n" + "\n".join(
+            f"| {name} | {rec['reward']:.4f} ± {rec['reward_stderr']:.4f} |"
+            for name, rec in (("base", base), (f"trained ({state.iteration} it)", last)))
+        (out / "report.md").write_text(table + "\n")
+        print(f"\n{table}\n\ngrids: {out / 'eval'}/*/grid.png   tensorboard --logdir {out}")
+        return summary
     tags = [t for t in base["accuracy"] if t != "overall"]
     lines = ["| model | overall | " + " | ".join(tags) + " | malformed | bg noise |", "|" + "---|" * (len(tags) + 4)]
     for name, rec in (("base", base), (f"trained ({state.iteration} it)", last)):

@@ -20,7 +20,6 @@ from torch import Tensor
 from flowgrpo.policies.families import Cond, Family, family_for
 from flowgrpo.samplers.rollout import sample_trajectory
 from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob
-from flowgrpo.samplers.schedules import flow_sigmas
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -65,6 +64,7 @@ class FlowPolicy:
         self.height, self.width, self.micro_batch = height, width, micro_batch
         self.negative_prompt = negative_prompt
         self._cache: dict[str, Cond] = {}
+        self._negative: Cond | None = None
         self._reference = None
         for module in (getattr(pipe, n, None) for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")):
             if module is not None:
@@ -82,22 +82,28 @@ class FlowPolicy:
             raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **empty_components(path))
         family = family_for(pipe, **(family_options or {}))
-        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        # FluxPipeline has no transformer sample_size; SD3 and Sana pipelines derive their default from it.
+        size = (getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size) * pipe.vae_scale_factor
         return cls(pipe, family, height=height or size, width=width or size, micro_batch=micro_batch, **kw)
 
     @property
     def transformer(self):
         return self.pipe.transformer
 
-    def add_lora(self, rank: int, alpha: float | None = None, targets: list[str] | None = None) -> None:
+    def add_lora(self, rank: int, alpha: float | None = None, targets: list[str] | None = None, *,
+                 seed: int = 0) -> None:
+        """LoRA adapters on the attention projections; B starts at 0 (the policy starts as the base model)
+        and A is drawn with the global generator temporarily seeded with `seed` (a run never depends on global RNG)."""
         from peft import LoraConfig
 
         present = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0"
                    for n, _ in self.transformer.named_modules()}
         targets = [t for t in (targets or LORA_TARGETS) if t in present]
         self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
-                                                init_lora_weights="gaussian"))
+        with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator
+            torch.manual_seed(seed)
+            self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
+                                                    init_lora_weights="gaussian"))
 
     @property
     def uses_lora(self) -> bool:
@@ -125,16 +131,23 @@ class FlowPolicy:
     # ---------------------------------------------------------- conditioning
     @torch.no_grad()
     def cond(self, prompts: list[str]) -> Cond:
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            enc = self.family.encode(self.pipe, missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = _rows(enc, slice(i, i + 1))
+        # One prompt per encoder call: batched text encoders differ in the last bits with the batch's other
+        # prompts, and a resumed run's cache holds other batches, so it would not continue exactly.
+        for p in dict.fromkeys(prompts):
+            if p not in self._cache:
+                self._cache[p] = self.family.encode(self.pipe, [p])
         return _cat([self._cache[p] for p in prompts])
 
+    @torch.no_grad()
+    def negative_cond(self, n: int) -> Cond:
+        """Conditioning of the unconditional CFG branch (the negative prompt), repeated n times."""
+        if self._negative is None:
+            self._negative = self.family.encode_negative(self.pipe, [self.negative_prompt])
+        return _cat([self._negative] * n)
+
     def sigmas(self, num_steps: int) -> Tensor:
-        seq = self.family.image_seq_len(self.pipe, self.height, self.width)
-        return flow_sigmas(dict(self.pipe.scheduler.config), num_steps, image_seq_len=seq)
+        """The sigma grid the model's own pipeline samples on at this resolution (the family decides)."""
+        return self.family.sigmas(self.pipe, num_steps, self.height, self.width)
 
     def latent_shape(self) -> tuple[int, ...]:
         return self.family.latent_shape(self.pipe, self.height, self.width)
@@ -149,7 +162,7 @@ class FlowPolicy:
         if guidance == 1.0:
             return v_c
         with torch.no_grad():
-            neg = self.cond([self.negative_prompt] * x.shape[0])
+            neg = self.negative_cond(x.shape[0])
             v_u = self.family.velocity(tr, x, sigma, neg).float()
         return v_u + guidance * (v_c - v_u)
 
