@@ -12,7 +12,6 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchE
 from flowgrpo.config import TrainConfig
 from flowgrpo.core import compute_advantages
 from flowgrpo.policies.families import (
-    FluxFamily,
     SanaFamily,
     dpm_flow_sigmas,
     family_for,
@@ -85,6 +84,14 @@ def test_ode_sampling_matches_the_pipeline(models, name, guidance):
         ours = pack_latents(ours)
     assert ref.abs().max() > 1.0  # non-trivial outputs
     assert (ours - ref).abs().max() < 1e-4
+
+
+def test_flux_without_guidance_embedding_matches_the_pipeline(tmp_path):
+    path = tiny_flux(tmp_path, guidance_embeds=False)  # FLUX.1-schnell style: no guidance input
+    policy = FlowPolicy.from_pretrained(path, height=IMAGE_SIZE, width=IMAGE_SIZE, family_options=OPTIONS["flux"])
+    x = torch.randn((2, *policy.latent_shape()), generator=torch.Generator().manual_seed(1))
+    ref = _pipeline_latents("flux", policy, x, 2, 1.0)
+    assert (pack_latents(_ode(policy, x, 2, 1.0)) - ref).abs().max() < 1e-4
 
 
 def test_flux_packing_and_ids_match_the_pipeline():

@@ -182,8 +182,9 @@ class SanaFamily:
 
     def _encode(self, pipe, prompts: list[str], instruction: list[str]) -> Cond:
         embeds, mask, _, _ = pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=False, device=pipe.transformer.device, clean_caption=self.clean_caption,
-            max_sequence_length=self.max_sequence_length, complex_human_instruction=instruction)
+            prompts, do_classifier_free_guidance=False, device=pipe.transformer.device,
+            clean_caption=self.clean_caption, max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=instruction)
         return {"embeds": embeds, "mask": mask}
 
     def encode(self, pipe, prompts: list[str]) -> Cond:

@@ -83,7 +83,8 @@ class FlowPolicy:
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **empty_components(path))
         family = family_for(pipe, **(family_options or {}))
         # FluxPipeline has no transformer sample_size; SD3 and Sana pipelines derive their default from it.
-        size = (getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size) * pipe.vae_scale_factor
+        latent_size = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+        size = latent_size * pipe.vae_scale_factor
         return cls(pipe, family, height=height or size, width=width or size, micro_batch=micro_batch, **kw)
 
     @property
