@@ -5,7 +5,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(int(os.environ.get("FLOWGRPO_TEST_THREADS", "2")))
+# Tiny models: one thread is faster than two (threading overhead) and robust to a busy machine.
+torch.set_num_threads(int(os.environ.get("FLOWGRPO_TEST_THREADS", "1")))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
