@@ -41,7 +41,7 @@ class TrainConfig:
     # rollouts
     prompts_per_iter: int = 6  # per process
     group_size: int = 8
-    micro_batch: int = 12
+    micro_batch: int = 24
     num_steps: int = 10  # SDE sampling steps (denoising reduction: fewer than eval_num_steps)
     train_steps: int = 0  # 0 = train on every SDE step; k > 0 = a random subset of k (DanceGRPO)
     guidance: float = 4.5
@@ -64,7 +64,7 @@ class TrainConfig:
     inner_epochs: int = 1
     # schedule and evaluation
     iterations: int = 1000
-    max_minutes: float = 0.0  # > 0: stop after this much training time (evaluation excluded)
+    max_minutes: float = 15.0  # > 0: stop after this much training time (evaluation excluded); 0 = no limit
     eval_every: int = 50
     eval_num_steps: int = 20
     eval_images_per_prompt: int = 2
@@ -118,11 +118,11 @@ PRESETS: dict[str, dict] = {
                         family_options={"max_sequence_length": 128}),
     "flux-dev": dict(model="", height=512, width=512, lora_rank=32, micro_batch=2, prompts_per_iter=4, group_size=8,
                      num_steps=6, eval_num_steps=28, guidance=1.0, noise_level=0.9, lr=1e-4, clip_low=1e-4,
-                     clip_high=1e-4, beta=0.0, out="runs/flux-grpo", iterations=2000,
+                     clip_high=1e-4, beta=0.0, out="runs/flux-grpo", iterations=2000, max_minutes=0.0,
                      family_options={"guidance_scale": 3.5}),
     "sana": dict(model="", height=512, width=512, lora_rank=32, micro_batch=4, prompts_per_iter=4, group_size=8,
                  num_steps=10, eval_num_steps=20, guidance=4.5, noise_level=0.7, lr=1e-4, clip_low=1e-4,
-                 clip_high=1e-4, beta=0.0, out="runs/sana-grpo", iterations=2000),
+                 clip_high=1e-4, beta=0.0, out="runs/sana-grpo", iterations=2000, max_minutes=0.0),
 }
 
 
