@@ -30,6 +30,20 @@ def empty_components(path: Path) -> dict[str, None]:
     return {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
 
 
+MODEL_OPTIONS_FILE = "flowgrpo.json"
+
+
+def model_family_options(path: Path) -> dict:
+    """Sampling options a model directory declares for itself (e.g. the Shapes model's T5 length of 1)."""
+    f = path / MODEL_OPTIONS_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return dict(json.loads(f.read_text())["family_options"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{f} is malformed: expected {{\"family_options\": {{...}}}} ({e})") from e
+
+
 @dataclass
 class Rollout:
     """A batch of sampled trajectories with everything training needs."""
@@ -81,7 +95,7 @@ class FlowPolicy:
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **empty_components(path))
-        family = family_for(pipe, **(family_options or {}))
+        family = family_for(pipe, **{**model_family_options(path), **(family_options or {})})
         # FluxPipeline has no transformer sample_size; SD3 and Sana pipelines derive their default from it.
         latent_size = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
         size = latent_size * pipe.vae_scale_factor

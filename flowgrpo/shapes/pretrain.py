@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flowgrpo.policies.flow import MODEL_OPTIONS_FILE
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.samplers.schedules import flow_sigmas
 from flowgrpo.shapes import world as W
 from flowgrpo.shapes.data import render_batch, tag_balanced_indices, tensor_to_images
-from flowgrpo.shapes.model import LATENT_SCALE, TransformerSpec, build_pipeline, encode_prompts
+from flowgrpo.shapes.model import LATENT_SCALE, MAX_SEQUENCE_LENGTH, TransformerSpec, build_pipeline, encode_prompts
 from flowgrpo.shapes.sampling import conditioning_probe, ode_sample, summarize
 from flowgrpo.shapes.verify import verify
 
@@ -137,6 +138,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             pipe.transformer = ema
             pipe.save_pretrained(ckpt, safe_serialization=True)
             pipe.transformer = model
+            (ckpt / MODEL_OPTIONS_FILE).write_text(json.dumps({"family_options": {"max_sequence_length": MAX_SEQUENCE_LENGTH}}))
             (ckpt / "flowgrpo_pretrain.json").write_text(json.dumps({"config": asdict(cfg), "record": record}, indent=1))
     return out
 
