@@ -44,6 +44,7 @@ class TrainConfig:
     micro_batch: int = 24
     num_steps: int = 10  # SDE sampling steps (denoising reduction: fewer than eval_num_steps)
     train_steps: int = 0  # 0 = train on every SDE step; k > 0 = a random subset of k (DanceGRPO)
+    sde_steps: int = 0  # 0 = SDE at every step; k > 0 = SDE on the first k steps only, ODE after (MixGRPO window at the start)
     guidance: float = 4.5
     noise_level: float = 0.7
     sde_kind: str = "flow_grpo"
@@ -81,6 +82,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sde_kind not in SDE_KINDS:
             raise ConfigError(f"sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
+        if not 0 <= self.sde_steps <= self.num_steps:
+            raise ConfigError(f"sde_steps={self.sde_steps} must be in [0, num_steps={self.num_steps}]")
         if not 0 <= self.train_steps <= self.num_steps:
             raise ConfigError(f"train_steps={self.train_steps} must be in [0, num_steps={self.num_steps}]")
         if self.group_size < 2:

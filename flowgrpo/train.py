@@ -41,8 +41,10 @@ def load_policy(cfg: TrainConfig) -> FlowPolicy:
 
 
 def sde_mask_for(cfg: TrainConfig, sigmas: torch.Tensor) -> torch.Tensor:
-    """SDE at every step; CPS's last step (to sigma 0) has no noise, so it runs as ODE."""
+    """SDE on every step (or the first `sde_steps`); CPS's last step (to sigma 0) has no noise, so it runs as ODE."""
     mask = torch.ones(len(sigmas) - 1, dtype=torch.bool)
+    if cfg.sde_steps:
+        mask[cfg.sde_steps:] = False
     if cfg.sde_kind == "cps":
         mask[-1] = False
     return mask
