@@ -39,7 +39,7 @@ class TrainConfig:
     out: str = "runs/shapes-grpo"
     seed: int = 0
     # rollouts
-    prompts_per_iter: int = 6  # per process
+    prompts_per_iter: int = 12  # per process
     group_size: int = 8
     micro_batch: int = 24
     num_steps: int = 10  # SDE sampling steps (denoising reduction: fewer than eval_num_steps)
@@ -57,16 +57,16 @@ class TrainConfig:
     loss_agg: str = "token-mean"
     clip_low: float = 1e-3
     clip_high: float = 1e-3
-    beta: float = 0.0  # KL to the reference; 0 never runs the reference
-    lr: float = 2e-4
+    beta: float = 0.02  # KL to the reference (keeps images clean); 0 never runs the reference
+    lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    optimizer_steps: int = 2  # optimizer steps per iteration (the batch is split between them)
+    optimizer_steps: int = 1  # optimizer steps per iteration (the batch is split between them)
     inner_epochs: int = 1
     # schedule and evaluation
     iterations: int = 1000
     max_minutes: float = 15.0  # > 0: stop after this much training time (evaluation excluded); 0 = no limit
-    eval_every: int = 50
+    eval_every: int = 40
     eval_num_steps: int = 20
     eval_images_per_prompt: int = 2
     eval_grid_prompts: int = 24
