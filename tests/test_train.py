@@ -141,7 +141,7 @@ def test_bad_checkpoints_are_refused_clearly(tiny_model, tmp_path, eval_file):
 
 
 def test_config_validation_names_the_numbers(tmp_path):
-    with pytest.raises(ConfigError, match=r"6 x 8 = 48 is not a multiple of micro_batch=20"):
+    with pytest.raises(ConfigError, match=r"12 x 8 = 96 is not a multiple of micro_batch=20"):
         TrainConfig(micro_batch=20)
     with pytest.raises(ConfigError, match=r"3 micro-batches per iteration cannot be split evenly into optimizer_steps=2"):
         TrainConfig(micro_batch=16, prompts_per_iter=6, group_size=8, optimizer_steps=2)
