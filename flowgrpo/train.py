@@ -37,6 +37,8 @@ def load_policy(cfg: TrainConfig) -> FlowPolicy:
                                         micro_batch=cfg.micro_batch, family_options=cfg.family_options)
     if cfg.lora_rank:
         policy.add_lora(cfg.lora_rank, seed=cfg.seed)
+    if cfg.beta > 0:
+        policy.freeze_reference()  # the base weights, before any checkpoint is restored
     return policy
 
 

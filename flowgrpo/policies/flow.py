@@ -140,8 +140,14 @@ class FlowPolicy:
                 self.transformer.enable_adapters()
             return
         if self._reference is None:
-            self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+            self.freeze_reference()
         yield self._reference
+
+    def freeze_reference(self) -> None:
+        """Keep a frozen copy of the current weights as the KL reference (full fine-tuning). Call it before
+        restoring a checkpoint, so a resumed run keeps the base model as its reference."""
+        if not self.uses_lora:
+            self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
 
     # ---------------------------------------------------------- conditioning
     @torch.no_grad()
