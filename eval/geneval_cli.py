@@ -8,14 +8,12 @@ from pathlib import Path
 
 
 def run_geneval_command(args: argparse.Namespace) -> int:
-    from flowgrpo.eval.geneval import evaluate, markdown_table, write_report
+    from flowgrpo.eval.geneval import check_shapes_metadata, evaluate, markdown_table, write_report
     from flowgrpo.prompts.loaders import PromptFileError, load_geneval, load_prompts
     from flowgrpo.sample import load_policy_for_sampling
 
     try:
         entries = load_prompts(args.metadata) if args.metadata.startswith("shapes:") else load_geneval(args.metadata)
-        from flowgrpo.eval.geneval import check_shapes_metadata
-
         check_shapes_metadata(entries)
     except (PromptFileError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -76,14 +76,8 @@ def _require(path: str | Path | None, option: str, what: str, test: Callable[[Pa
     return p
 
 
-class Reward:
-    """Base class for pointwise rewards: validates the batch, runs ``score`` without grad, counts NaNs.
-
-    Subclasses set ``name`` and implement ``score``. ``stats`` holds counters (``samples``, ``nan`` and
-    reward-specific failure counts); it is safe to update from worker threads through ``count``.
-    """
-
-    name = "reward"
+class _Counted:
+    """Thread-safe failure/usage counters shared by rewards and judges (``stats``, updated through ``count``)."""
 
     def __init__(self) -> None:
         self.stats: Counter[str] = Counter()
@@ -92,6 +86,16 @@ class Reward:
     def count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats[key] += n
+
+
+class Reward(_Counted):
+    """Base class for pointwise rewards: validates the batch, runs ``score`` without grad, counts NaNs.
+
+    Subclasses set ``name`` and implement ``score``. ``stats`` holds counters (``samples``, ``nan`` and
+    reward-specific failure counts); it is safe to update from worker threads through ``count``.
+    """
+
+    name = "reward"
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         raise NotImplementedError
@@ -108,18 +112,10 @@ class Reward:
         return out
 
 
-class PairwiseJudge:
+class PairwiseJudge(_Counted):
     """Base class for pairwise judges: ``prefer`` returns P(a ≻ b) per pair, validated to [B] in [0, 1]."""
 
     name = "judge"
-
-    def __init__(self) -> None:
-        self.stats: Counter[str] = Counter()
-        self._stats_lock = threading.Lock()
-
-    def count(self, key: str, n: int = 1) -> None:
-        with self._stats_lock:
-            self.stats[key] += n
 
     def compare(
         self, prompt: str, images_a: torch.Tensor, images_b: torch.Tensor, metadata: dict

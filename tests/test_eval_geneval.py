@@ -1,0 +1,38 @@
+"""GenEval-style scoring and the `flowgrpo eval geneval` command's input errors."""
+import json
+
+import numpy as np
+
+from flowgrpo.cli import main
+from flowgrpo.eval.geneval import markdown_table, score_images, write_report
+from flowgrpo.prompts.shapes import load_split
+from flowgrpo.shapes.render import render
+
+
+def test_score_images_per_tag_and_overall(tmp_path):
+    test = load_split("test")
+    entries = [e for e in test if e["tag"] == "counting"][:10] + [e for e in test if e["tag"] == "colors"][:10]
+    rng = np.random.default_rng(0)
+    images = [render(e, rng) for e in entries]
+    colors = [i for i, e in enumerate(entries) if e["tag"] == "colors"]
+    images[colors[0]] = np.full_like(images[0], 128)  # one blank image fails
+    r = score_images(images, entries)
+    n_col = len(colors)
+    assert r.accuracy["colors"] == (n_col - 1) / n_col and r.accuracy["counting"] == 1.0
+    assert r.accuracy["overall"] == (r.accuracy["colors"] + 1.0) / 2  # mean over tags, not over images
+    p = (n_col - 1) / n_col
+    assert abs(r.stderr["colors"] - np.sqrt(p * (1 - p) / n_col)) < 1e-12 and r.stderr["counting"] == 0.0
+    assert r.empty == 1 / len(entries) and r.malformed == 0.0
+    out = write_report(r, tmp_path, name="gt")
+    assert json.loads((out / "results.json").read_text())["accuracy"]["counting"] == 1.0
+    assert (out / "grid.png").is_file() and "| gt |" in markdown_table({"gt": r})
+
+
+def test_unknown_classes_and_bad_files_are_refused(tmp_path, capsys):
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a dog"}) + "\n")
+    assert main(["eval", "geneval", "--metadata", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert "knows the Shapes classes" in capsys.readouterr().err
+    f.write_text("{oops\n")
+    assert main(["eval", "geneval", "--metadata", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert "m.jsonl:1: invalid JSON" in capsys.readouterr().err
