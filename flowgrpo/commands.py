@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from flowgrpo.config import PRESETS, add_arguments
 
     p = sub.add_parser("train", help="GRPO-train a flow-matching text-to-image model",
-                       description="Train with Flow-GRPO. Options override the preset, then the YAML file. "
+                       description="Train with Flow-GRPO. The preset applies first, then the YAML file, then the options given here. "
                                    "The `shapes` preset trains the shipped Shapes base model on this CPU in ~15 min "
                                    "and prints base vs trained accuracy.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

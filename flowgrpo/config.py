@@ -69,7 +69,6 @@ class TrainConfig:
     eval_every: int = 40
     eval_num_steps: int = 20
     eval_images_per_prompt: int = 2
-    eval_grid_prompts: int = 24
     save_every: int = 50
     resume: bool = True
     log_with: str = "tensorboard"
