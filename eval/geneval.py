@@ -80,16 +80,16 @@ def evaluate(policy, entries: list[dict], *, images_per_prompt: int, num_steps: 
     return score_images(images, todo)
 
 
-def markdown_table(results: dict[str, GenevalResult]) -> str:
-    """Rows: one per result (e.g. base, trained); columns: overall, tags, quality guards."""
-    tags = [t for t in W.TAGS if any(t in r.accuracy for r in results.values())]
+def markdown_table(results: dict[str, dict]) -> str:
+    """Rows: one per `GenevalResult.summary()` (e.g. base, trained); columns: overall, tags, quality guards."""
+    tags = [t for t in W.TAGS if any(t in r["accuracy"] for r in results.values())]
     head = "| model | overall | " + " | ".join(tags) + " | malformed | empty | bg noise |"
     sep = "|" + "---|" * (len(tags) + 5)
     lines = [head, sep]
     for name, r in results.items():
-        cells = [f"{100 * r.accuracy[t]:.1f} ± {100 * r.stderr[t]:.1f}" for t in ["overall"] + tags]
+        cells = [f"{100 * r['accuracy'][t]:.1f} ± {100 * r['stderr'][t]:.1f}" for t in ["overall"] + tags]
         lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {100 * r.malformed:.1f}% | {100 * r.empty:.1f}% | {r.background_noise:.2f} |")
+                     f" | {100 * r['malformed']:.1f}% | {100 * r['empty']:.1f}% | {r['background_noise']:.2f} |")
     return "\n".join(lines)
 
 
@@ -98,7 +98,7 @@ def write_report(result: GenevalResult, out: str | Path, *, name: str = "model",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.summary(), indent=1))
-    (out / "report.md").write_text(markdown_table({name: result}) + "\n")
+    (out / "report.md").write_text(markdown_table({name: result.summary()}) + "\n")
     picks = []
     for tag in W.TAGS:
         picks += [i for i, e in enumerate(result.entries) if e["tag"] == tag][:grid_per_tag]

@@ -25,7 +25,7 @@ def run_geneval_command(args: argparse.Namespace) -> int:
                       seed=args.seed, batch=args.batch)
     out = write_report(result, args.out, name=Path(args.model or "shapes-base").name)
     (out / "command.json").write_text(json.dumps(vars(args) | {"func": None}, indent=1, default=str))
-    print(markdown_table({Path(args.model or "shapes-base").name: result}))
+    print(markdown_table({Path(args.model or "shapes-base").name: result.summary()}))
     print(f"report: {out / 'report.md'}  grid: {out / 'grid.png'}")
     return 0
 

@@ -107,7 +107,7 @@ def train(cfg: TrainConfig) -> dict:
         state.history["eval"].append({"iteration": 0, **results["base"].summary()})
         r = results["base"]
         tqdm.write("base model: " + (f"eval reward {r.mean:.4f} ± {r.stderr:.4f}" if isinstance(r, RewardEvalResult)
-                                     else "\n" + markdown_table({"base": r})))
+                                     else "\n" + markdown_table({"base": r.summary()})))
 
     bar = tqdm(total=cfg.iterations, initial=state.iteration, desc="grpo")
     while state.iteration < cfg.iterations:
@@ -189,12 +189,7 @@ def _finish(state: TrainState, out: Path) -> dict:
         (out / "report.md").write_text(table + "\n")
         print(f"\n{table}\n\ngrids: {out / 'eval'}/*/grid.png   tensorboard --logdir {out}")
         return summary
-    tags = [t for t in base["accuracy"] if t != "overall"]
-    lines = ["| model | overall | " + " | ".join(tags) + " | malformed | bg noise |", "|" + "---|" * (len(tags) + 4)]
-    for name, rec in (("base", base), (f"trained ({state.iteration} it)", last)):
-        cells = [f"{100 * rec['accuracy'][t]:.1f} ± {100 * rec['stderr'][t]:.1f}" for t in ["overall"] + tags]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * rec['malformed']:.1f}% | {rec['background_noise']:.2f} |")
-    table = "\n".join(lines)
+    table = markdown_table({"base": base, f"trained ({state.iteration} it)": last})
     (out / "report.md").write_text(table + "\n")
     print(f"\n{table}\n\noverall accuracy {100 * base['accuracy']['overall']:.1f}% -> "
           f"{100 * last['accuracy']['overall']:.1f}% after {state.train_seconds / 60:.1f} min of training")

@@ -25,7 +25,7 @@ def test_score_images_per_tag_and_overall(tmp_path):
     assert r.empty == 1 / len(entries) and r.malformed == 0.0
     out = write_report(r, tmp_path, name="gt")
     assert json.loads((out / "results.json").read_text())["accuracy"]["counting"] == 1.0
-    assert (out / "grid.png").is_file() and "| gt |" in markdown_table({"gt": r})
+    assert (out / "grid.png").is_file() and "| gt |" in markdown_table({"gt": r.summary()})
 
 
 def test_unknown_classes_and_bad_files_are_refused(tmp_path, capsys):

@@ -22,11 +22,5 @@ def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def tensor_to_images(x: torch.Tensor) -> list[np.ndarray]:
-    """float [B, 3, H, W] in [-1, 1] -> uint8 [H, W, 3] images."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return list(x.permute(0, 2, 3, 1).cpu().numpy())
-
-
 def render_batch(entries: list[dict], idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
     return images_to_tensor([render(entries[i], rng) for i in idx])

@@ -18,7 +18,8 @@ from flowgrpo.policies.flow import MODEL_OPTIONS_FILE
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.samplers.schedules import flow_sigmas
 from flowgrpo.shapes import world as W
-from flowgrpo.shapes.data import render_batch, tag_balanced_indices, tensor_to_images
+from flowgrpo.rewards.shapes import to_uint8
+from flowgrpo.shapes.data import render_batch, tag_balanced_indices
 from flowgrpo.shapes.model import LATENT_SCALE, MAX_SEQUENCE_LENGTH, TransformerSpec, build_pipeline, encode_prompts
 from flowgrpo.shapes.sampling import conditioning_probe, ode_sample, summarize
 from flowgrpo.shapes.verify import verify
@@ -63,7 +64,7 @@ def quick_eval(transformer, cache, neg, test: list[dict], cfg: PretrainConfig, s
     sig = flow_sigmas({"num_train_timesteps": 1000, "shift": 1.0}, steps)
     lat = ode_sample(transformer, embeds, pooled, *neg, sigmas=sig, cfg=guidance,
                      generator=torch.Generator().manual_seed(seed), latent_shape=(3, W.IMAGE_SIZE, W.IMAGE_SIZE))
-    images = tensor_to_images(lat / LATENT_SCALE)
+    images = to_uint8((lat / LATENT_SCALE + 1) / 2)  # latents are pixels in [-1, 1] (identity VAE)
     passed, malformed, empty = defaultdict(list), 0, 0
     for e, img in zip(picked, images):
         v = verify(img, e)

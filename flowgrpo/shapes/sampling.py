@@ -5,14 +5,14 @@ import numpy as np
 import torch
 from diffusers import SD3Transformer2DModel
 
+from flowgrpo.policies.families import SD3Family
 from flowgrpo.samplers.steps import ode_step
 
 
 def sd3_velocity(transformer: SD3Transformer2DModel, x: torch.Tensor, sigma: torch.Tensor,
                  embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """The SD3 transformer's velocity at noise level sigma[B] (model timestep = 1000 * sigma)."""
-    return transformer(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                       timestep=sigma * 1000.0, return_dict=False)[0]
+    """The SD3 transformer's velocity at noise level sigma[B], called as the training policy calls it."""
+    return SD3Family().velocity(transformer, x, sigma, {"embeds": embeds, "pooled": pooled})
 
 
 def cfg_velocity(transformer, x, sigma, embeds, pooled, neg_embeds, neg_pooled, scale: float) -> torch.Tensor:
