@@ -15,6 +15,7 @@ import yaml
 from flowgrpo.assets import SHAPES_MODEL
 
 SDE_KINDS = ("flow_grpo", "dance", "cps")
+STRATEGIES = ("flow_grpo", "g2rpo")
 
 
 class ConfigError(ValueError):
@@ -44,7 +45,10 @@ class TrainConfig:
     micro_batch: int = 24
     num_steps: int = 10  # SDE sampling steps (denoising reduction: fewer than eval_num_steps)
     train_steps: int = 0  # 0 = train on every SDE step; k > 0 = a random subset of k (DanceGRPO)
-    sde_steps: int = 0  # 0 = SDE at every step; k > 0 = SDE on the first k steps only, ODE after (MixGRPO window at the start)
+    # flow_grpo = SDE on every step of the window; g2rpo = G²RPO singular stochastic sampling: each group shares its
+    # ODE path up to one branch step (random in the window) where each member takes one SDE step, then ODE
+    strategy: str = "flow_grpo"
+    sde_steps: int = 0  # the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)
     guidance: float = 4.5
     noise_level: float = 0.7
     sde_kind: str = "flow_grpo"
@@ -81,6 +85,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sde_kind not in SDE_KINDS:
             raise ConfigError(f"sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.strategy == "g2rpo" and not self.shared_noise:
+            raise ConfigError("strategy g2rpo branches each group from one shared ODE path: it needs shared_noise=true")
+        if self.strategy == "g2rpo" and self.train_steps > 1:
+            raise ConfigError(f"strategy g2rpo has one SDE step per sample; train_steps={self.train_steps} must be 0 or 1")
         if not 0 <= self.sde_steps <= self.num_steps:
             raise ConfigError(f"sde_steps={self.sde_steps} must be in [0, num_steps={self.num_steps}]")
         if not 0 <= self.train_steps <= self.num_steps:

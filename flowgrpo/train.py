@@ -25,7 +25,7 @@ from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.prompts.loaders import load_prompts
 from flowgrpo.pref import pref_advantages
 from flowgrpo.rewards import build_judge, build_reward
-from flowgrpo.samplers.rollout import group_noise
+from flowgrpo.samplers.rollout import group_noise, singular_branch_mask
 from flowgrpo.shapes.data import tag_balanced_indices
 from flowgrpo.update import grpo_update, train_step_indices
 
@@ -42,13 +42,16 @@ def load_policy(cfg: TrainConfig) -> FlowPolicy:
     return policy
 
 
-def sde_mask_for(cfg: TrainConfig, sigmas: torch.Tensor) -> torch.Tensor:
-    """SDE on every step (or the first `sde_steps`); CPS's last step (to sigma 0) has no noise, so it runs as ODE."""
-    mask = torch.ones(len(sigmas) - 1, dtype=torch.bool)
-    if cfg.sde_steps:
-        mask[cfg.sde_steps:] = False
-    if cfg.sde_kind == "cps":
-        mask[-1] = False
+def sde_mask_for(cfg: TrainConfig, group_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """flow_grpo: SDE on every step of the window, [T]. g2rpo: one branch step per group in the window, [B, T].
+    CPS's last step (to sigma 0) has no noise, so it always runs as ODE."""
+    num_steps = cfg.num_steps
+    usable = num_steps - 1 if cfg.sde_kind == "cps" else num_steps
+    if cfg.strategy == "g2rpo":
+        window = min(cfg.sde_steps or max(num_steps // 2, 1), usable)
+        return singular_branch_mask(group_ids, window, num_steps, generator)
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    mask[: min(cfg.sde_steps or num_steps, usable)] = True
     return mask
 
 
@@ -99,7 +102,6 @@ def train(cfg: TrainConfig) -> dict:
     else:
         state = TrainState.fresh(cfg.seed, accel.process_index)
     sigmas = policy.sigmas(cfg.num_steps)
-    sde_mask = sde_mask_for(cfg, sigmas)
 
     results: dict[str, GenevalResult | RewardEvalResult] = {}
     if not state.history["eval"]:
@@ -119,7 +121,7 @@ def train(cfg: TrainConfig) -> dict:
         x_init = group_noise(cfg.prompts_per_iter, cfg.group_size, policy.latent_shape(),
                              generator=state.rollout_rng, shared=cfg.shared_noise)
         ro = policy.rollout([e["prompt"] for e in entries], entries, group_ids, x_init, sigmas=sigmas,
-                            sde_mask=sde_mask, guidance=cfg.guidance, kind=cfg.sde_kind,
+                            sde_mask=sde_mask_for(cfg, group_ids, state.rollout_rng), guidance=cfg.guidance, kind=cfg.sde_kind,
                             noise_level=cfg.noise_level, generator=state.rollout_rng)
         rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
         if judge is not None:

@@ -8,37 +8,46 @@ import torch
 from flowgrpo.config import TrainConfig
 from flowgrpo.core import AdvantageResult, gaussian_mean_kl, loss_weights, ppo_clip_loss
 from flowgrpo.policies.flow import FlowPolicy, Rollout
+from flowgrpo.samplers.rollout import dance_train_steps
 
 
 def train_step_indices(ro: Rollout, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """SDE steps to train on: all of them, or a random subset of `train_steps` (DanceGRPO)."""
-    steps = torch.nonzero(ro.sde_mask).flatten()
-    if cfg.train_steps and cfg.train_steps < len(steps):
-        steps = steps[torch.randperm(len(steps), generator=generator)[: cfg.train_steps].sort().values]
+    """Per-row SDE steps to train on, ``[B, S]``: all of a row's SDE steps, or a random subset of
+    `train_steps` of them, the same for every row (DanceGRPO). Every row must have the same number of SDE steps."""
+    mask = ro.sde_mask.expand(len(ro), ro.sde_mask.shape[-1])
+    counts = mask.sum(dim=1)
+    if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+        raise ValueError(f"every row needs the same, nonzero number of SDE steps; got {sorted(set(counts.tolist()))}")
+    steps = torch.nonzero(mask)[:, 1].view(len(ro), -1)
+    if cfg.train_steps and cfg.train_steps < steps.shape[1]:
+        steps = steps[:, dance_train_steps(steps.shape[1], cfg.train_steps, generator)]
     return steps
 
 
 def grpo_update(policy: FlowPolicy, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                 ro: Rollout, adv: AdvantageResult, steps: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
-    """PPO-clip updates over `optimizer_steps` slices of the batch, `inner_epochs` times.
+    """PPO-clip updates over `optimizer_steps` slices of the batch, `inner_epochs` times, on the per-row
+    SDE steps `steps` [B, S] (see `train_step_indices`; [S] = the same steps for every row).
 
     Each optimizer step builds its loss weights W from all of its rows and steps first, then
     backpropagates micro-batch by micro-batch and step by step: the gradient is exactly that of
     the whole slice, whatever the micro-batch size.
     """
+    steps = steps.expand(len(ro), steps.shape[-1])
     rows_per_step = cfg.micro_batches_per_step * cfg.micro_batch
     sums: dict[str, list[float]] = defaultdict(list)
     for _ in range(cfg.inner_epochs):
         for o in range(cfg.optimizer_steps):
             lo = o * rows_per_step
-            mask = torch.ones(rows_per_step, len(steps))
+            mask = torch.ones(rows_per_step, steps.shape[1])
             W = loss_weights(mask, cfg.loss_agg, valid=adv.valid[lo : lo + rows_per_step])
             for m in range(lo, lo + rows_per_step, cfg.micro_batch):
                 rows = slice(m, m + cfg.micro_batch)
                 w_rows = W[m - lo : m - lo + cfg.micro_batch]
-                for k, j in enumerate(steps.tolist()):
+                for k in range(steps.shape[1]):
+                    j = steps[rows, k]
                     logp, mean, std = policy.step_log_prob(ro, rows, j, cfg.guidance)
-                    old = ro.log_probs[rows, j]
+                    old = ro.log_probs[rows].gather(1, j[:, None]).squeeze(1)
                     loss, st = ppo_clip_loss(logp[:, None], old[:, None], adv.advantages[rows],
                                              cfg.clip_low, cfg.clip_high)
                     if cfg.beta > 0:

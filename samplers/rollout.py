@@ -3,6 +3,10 @@
 - Flow-GRPO: SDE at every step (``sde_mask`` all True, or all but a deterministic last step).
 - DanceGRPO: SDE sampling, but train on a random subset of steps (``dance_train_steps``).
 - MixGRPO: SDE only inside a sliding window of steps, ODE elsewhere (``mixgrpo_window``).
+- G²RPO singular stochastic sampling: each group shares its initial noise and ODE path up to one
+  branch step, where every member takes its own SDE step, then all continue by ODE
+  (``singular_branch_mask``, a per-row ``sde_mask``). Reward differences inside a group then come
+  from that one step's noise alone, and training needs one step per sample instead of all of them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from torch import Tensor
 
 from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob, ode_step, sde_step
 
-__all__ = ["Trajectory", "dance_train_steps", "group_noise", "mixgrpo_window", "sample_trajectory"]
+__all__ = [
+    "Trajectory", "dance_train_steps", "group_noise", "mixgrpo_window", "sample_trajectory", "singular_branch_mask",
+]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -27,7 +33,8 @@ class Trajectory:
     Attributes:
         latents: ``[B, T + 1, ...]`` x at every sigma (``latents[:, 0]`` is the initial noise, ``[:, -1]`` the sample).
         log_probs: ``[B, T]`` log-prob of each SDE transition; 0 at ODE steps (never NaN).
-        sde_mask: ``[T]`` bool, True where the step was stochastic (the only steps with a log-prob to train on).
+        sde_mask: ``[T]`` bool (the same for every row) or ``[B, T]`` (per row), True where the step was
+            stochastic (the only steps with a log-prob to train on).
         sigmas: ``[T + 1]`` the schedule.
         kind: SDE kind (key of ``SDE_STEPS``) used at the SDE steps.
         noise_level: the SDE noise level used.
@@ -70,7 +77,8 @@ def sample_trajectory(
             model's timestep, e.g. with ``timesteps_from_sigmas``).
         x_init: initial latents ``[B, ...]``.
         sigmas: schedule ``[T + 1]``, strictly decreasing to 0.
-        sde_mask: bool ``[T]``; True steps take ``sde_step(kind, ...)``, False steps the Euler ODE step.
+        sde_mask: bool ``[T]``, or ``[B, T]`` for a per-row choice; True steps take ``sde_step(kind, ...)``,
+            False steps the Euler ODE step.
         kind, noise_level: the SDE step (see ``SDE_STEPS``).
         generator: the only randomness; may be None only when no step is stochastic.
 
@@ -79,13 +87,16 @@ def sample_trajectory(
     """
     _check_sigmas(sigmas)
     num_steps = sigmas.numel() - 1
-    if not isinstance(sde_mask, Tensor) or sde_mask.dtype != torch.bool or sde_mask.shape != (num_steps,):
-        raise ValueError(f"sde_mask must be a bool tensor of shape ({num_steps},)")
     if not isinstance(x_init, Tensor) or x_init.ndim < 1 or not x_init.is_floating_point():
         raise ValueError("x_init must be a float tensor [B, ...]")
+    batch = x_init.shape[0]
+    if (not isinstance(sde_mask, Tensor) or sde_mask.dtype != torch.bool
+            or sde_mask.shape not in ((num_steps,), (batch, num_steps))):
+        raise ValueError(f"sde_mask must be a bool tensor of shape ({num_steps},) or ({batch}, {num_steps})")
     if kind not in SDE_STEPS:
         raise ValueError(f"unknown SDE kind {kind!r}; choose one of {sorted(SDE_STEPS)}")
-    stochastic = sde_mask.tolist()
+    rows_sde = sde_mask.expand(batch, num_steps).to(x_init.device)
+    stochastic = rows_sde.any(dim=0).tolist()
     if any(stochastic) and generator is None:
         raise ValueError("a generator is required when sde_mask has stochastic steps")
 
@@ -101,18 +112,24 @@ def sample_trajectory(
                 f"for kind {kind!r} at noise_level {noise_level}; remove it from sde_mask"
             )
 
-    batch = x_init.shape[0]
     sigmas_dev = sigmas.to(x_init.device)
     x = x_init
     latents, log_probs = [x_init], []
     for i, is_sde in enumerate(stochastic):
         sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
         v = velocity_fn(x, sigma.expand(batch))
-        if is_sde:
-            x_next, mean, std = sde_step(
+        if is_sde:  # noise is drawn for every row, so a row's draw does not depend on the other rows' masks
+            x_sde, mean, std = sde_step(
                 kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max, generator=generator
             )
-            log_probs.append(gaussian_log_prob(x_next, mean, std))
+            here = rows_sde[:, i]
+            if bool(here.all()):
+                x_next, log_prob = x_sde, gaussian_log_prob(x_sde, mean, std)
+            else:
+                x_ode = ode_step(x, v, sigma, sigma_next)
+                x_next = torch.where(here.view(-1, *([1] * (x.ndim - 1))), x_sde, x_ode)
+                log_prob = torch.where(here, gaussian_log_prob(x_sde, mean, std), 0.0)
+            log_probs.append(log_prob)
         else:
             x_next = ode_step(x, v, sigma, sigma_next)
             log_probs.append(x_next.new_zeros(batch))
@@ -167,6 +184,21 @@ def mixgrpo_window(
     mask = torch.zeros(num_steps, dtype=torch.bool)
     mask[first : first + window] = True
     return mask
+
+
+def singular_branch_mask(group_ids: Tensor, window: int, num_steps: int, generator: torch.Generator) -> Tensor:
+    """G²RPO singular stochastic sampling: per-row ``sde_mask`` ``[B, num_steps]`` with one True step per row,
+    the same for every member of a group, drawn uniformly from the first ``window`` steps for each group.
+    """
+    _check_positive_int("num_steps", num_steps)
+    _check_positive_int("window", window)
+    if window > num_steps:
+        raise ValueError(f"window={window} exceeds num_steps={num_steps}")
+    if not isinstance(group_ids, Tensor) or group_ids.ndim != 1 or group_ids.dtype.is_floating_point:
+        raise ValueError("group_ids must be a 1-D integer tensor [B]")
+    groups, inverse = torch.unique(group_ids, return_inverse=True)
+    branch = torch.randint(window, (len(groups),), generator=generator)[inverse]
+    return torch.nn.functional.one_hot(branch, num_steps).to(torch.bool)
 
 
 def group_noise(

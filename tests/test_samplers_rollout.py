@@ -6,7 +6,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flowgrpo.samplers.rollout import Trajectory, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory
+from flowgrpo.samplers.rollout import (
+    Trajectory, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory, singular_branch_mask,
+)
 from flowgrpo.samplers.schedules import flow_sigmas
 from flowgrpo.samplers.steps import SDE_STEPS, ode_step, sde_log_prob
 
@@ -198,3 +200,54 @@ def test_group_noise():
     assert torch.equal(indep[0], shared[0])  # first draw is the same stream
     with pytest.raises(ValueError, match="group_size"):
         group_noise(3, 0, (2,), generator=torch.Generator())
+
+
+def test_singular_branch_mask_one_step_per_row_shared_by_the_group():
+    gids = torch.arange(50).repeat_interleave(4)
+    mask = singular_branch_mask(gids, 3, N_STEPS, torch.Generator().manual_seed(0))
+    assert mask.shape == (200, N_STEPS) and mask.dtype == torch.bool
+    assert torch.equal(mask.sum(dim=1), torch.ones(200, dtype=torch.long))
+    branch = mask.float().argmax(dim=1).view(50, 4)
+    assert (branch == branch[:, :1]).all() and branch.max() <= 2
+    assert set(branch[:, 0].tolist()) == {0, 1, 2}  # 50 groups: every step of the window is drawn
+    again = singular_branch_mask(gids, 3, N_STEPS, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
+    with pytest.raises(ValueError, match="exceeds num_steps"):
+        singular_branch_mask(gids, N_STEPS + 1, N_STEPS, torch.Generator())
+
+
+@pytest.mark.parametrize("kind", ["flow_grpo", "cps"])
+def test_per_row_mask_branches_from_the_shared_ode_path(kind):
+    # Two groups of two sharing their initial noise; group 0 branches at step 1, group 1 at step 4.
+    x0 = _x_init()[:2].repeat_interleave(2, dim=0)
+    mask = torch.zeros(4, N_STEPS, dtype=torch.bool)
+    mask[:2, 1] = True
+    mask[2:, 4] = True
+    traj = _run(kind, 3, mask=mask, x_init=x0)
+    ode = _run(kind, 3, mask=torch.zeros(N_STEPS, dtype=torch.bool), x_init=x0)
+    for rows, k in ((slice(0, 2), 1), (slice(2, 4), 4)):
+        # identical to the ODE path up to the branch step, members different after it
+        assert torch.equal(traj.latents[rows, : k + 1], ode.latents[rows, : k + 1])
+        a, b = traj.latents[rows, k + 1]
+        assert not torch.allclose(a, b)
+        assert (traj.log_probs[rows, k] != 0).all()
+        others = torch.ones(N_STEPS, dtype=torch.bool)
+        others[k] = False
+        assert (traj.log_probs[rows][:, others] == 0).all()
+        # after the branch, every step is the Euler step of the same field
+        for i in range(k + 1, N_STEPS):
+            x = traj.latents[rows, i]
+            s = traj.sigmas[i].expand(2)
+            assert torch.equal(traj.latents[rows, i + 1], ode_step(x, _velocity(x, s), traj.sigmas[i], traj.sigmas[i + 1]))
+        # the branch step's log-prob is the SDE density recomputed from the stored pair
+        x = traj.latents[rows, k]
+        lp = sde_log_prob(kind, x, _velocity(x, traj.sigmas[k].expand(2)), traj.latents[rows, k + 1], traj.sigmas[k],
+                          traj.sigmas[k + 1], 0.7, sigma_max=traj.sigma_max)
+        torch.testing.assert_close(lp, traj.log_probs[rows, k], rtol=0, atol=1e-6)
+
+
+def test_a_full_per_row_mask_equals_the_shared_mask():
+    mask = _full_mask("flow_grpo")
+    a = _run("flow_grpo", 9, mask=mask)
+    b = _run("flow_grpo", 9, mask=mask.expand(4, N_STEPS).clone())
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)

@@ -11,8 +11,8 @@ from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.samplers.rollout import group_noise
 from flowgrpo.shapes.model import TransformerSpec, build_pipeline
-from flowgrpo.train import train
-from flowgrpo.update import grpo_update
+from flowgrpo.train import sde_mask_for, train
+from flowgrpo.update import grpo_update, train_step_indices
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares"]
 
@@ -51,6 +51,29 @@ def test_importance_ratio_is_one_on_the_first_inner_step(tiny_model, guidance):
             logp, _, _ = policy.step_log_prob(ro, rows, j, guidance)
             ratio = torch.exp(logp - ro.log_probs[rows, j])
             assert (ratio - 1).abs().max() < 1e-5
+
+
+def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model):
+    """G²RPO singular sampling: per-row SDE steps; the recomputed log-prob of each row's branch step matches."""
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+    cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=4,
+                      strategy="g2rpo", sde_steps=3)
+    g = torch.Generator().manual_seed(4)
+    gids = torch.arange(2).repeat_interleave(4)
+    mask = sde_mask_for(cfg, gids, g)
+    assert mask.shape == (8, 4) and (mask.sum(dim=1) == 1).all() and not mask[:, 3].any()
+    x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
+    ro = policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, gids, x, sigmas=policy.sigmas(4),
+                        sde_mask=mask, guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g)
+    steps = train_step_indices(ro, cfg, g)
+    assert torch.equal(steps[:, 0], mask.float().argmax(dim=1))
+    for start in (0, 4):
+        rows = slice(start, start + 4)
+        logp, _, _ = policy.step_log_prob(ro, rows, steps[rows, 0], 4.5)
+        ratio = torch.exp(logp - ro.log_probs[rows].gather(1, steps[rows]).squeeze(1))
+        assert (ratio - 1).abs().max() < 1e-5
+    with pytest.raises(ConfigError, match="needs shared_noise"):
+        TrainConfig(strategy="g2rpo", shared_noise=False)
 
 
 class RecordingAdamW(torch.optim.AdamW):

@@ -53,7 +53,7 @@ class Rollout:
     group_ids: Tensor  # [B]
     latents: Tensor  # [B, T + 1, ...]
     log_probs: Tensor  # [B, T] (0 at ODE steps)
-    sde_mask: Tensor  # [T] bool
+    sde_mask: Tensor  # [T] bool, or [B, T] when each row has its own SDE steps (G²RPO branches)
     sigmas: Tensor  # [T + 1]
     kind: str
     noise_level: float
@@ -222,12 +222,15 @@ class FlowPolicy:
         return self.decode(traj.latents[:, -1])
 
     # --------------------------------------------------------------- training
-    def step_log_prob(self, ro: Rollout, rows: slice, step: int, guidance: float, *,
+    def step_log_prob(self, ro: Rollout, rows: slice, step: int | Tensor, guidance: float, *,
                       transformer=None, grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        """(log_prob [b], mean, std) of the stored transition at `step` for rows of the rollout."""
-        x, x_next = ro.latents[rows, step], ro.latents[rows, step + 1]
+        """(log_prob [b], mean, std) of the stored transition at `step` (one index, or one per row [b])
+        for rows of the rollout."""
+        step = torch.as_tensor(step).expand(len(ro.prompts[rows]))
+        pick = torch.arange(len(step))
+        x, x_next = ro.latents[rows][pick, step], ro.latents[rows][pick, step + 1]
         sigma, sigma_next = ro.sigmas[step], ro.sigmas[step + 1]
-        v = self.velocity(x, sigma.expand(x.shape[0]), self.cond(ro.prompts[rows]), guidance,
+        v = self.velocity(x, sigma, self.cond(ro.prompts[rows]), guidance,
                           transformer=transformer, grad=grad)
         mean, std = SDE_STEPS[ro.kind](x, v, sigma, sigma_next, ro.noise_level, sigma_max=float(ro.sigmas[1]))
         return gaussian_log_prob(x_next, mean, std), mean, std
