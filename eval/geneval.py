@@ -26,13 +26,14 @@ class GenevalResult:
     malformed: float  # fraction of images holding a malformed object
     empty: float  # fraction of images with no object
     background_noise: float  # mean, 0-255 scale
+    diversity: float  # mean pixel distance between images of the same prompt (0-255); a collapse lowers it
     images: list[np.ndarray]
     entries: list[dict]
     passed: list[bool]
 
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "stderr": self.stderr, "n_images": self.n_images,
-                "malformed": self.malformed, "empty": self.empty, "background_noise": self.background_noise}
+                "malformed": self.malformed, "empty": self.empty, "background_noise": self.background_noise, "diversity": self.diversity}
 
 
 def check_shapes_metadata(entries: list[dict]) -> None:
@@ -42,6 +43,17 @@ def check_shapes_metadata(entries: list[dict]) -> None:
         raise ValueError(f"the bundled verifier knows the Shapes classes {W.SHAPES} only; this metadata asks for "
                          f"{unknown[:5]}{'...' if len(unknown) > 5 else ''}. Real GenEval classes need GenEval's "
                          "object detector, which flowgrpo does not bundle.")
+
+
+def prompt_diversity(images: list[np.ndarray], entries: list[dict]) -> float:
+    """Mean absolute pixel difference (0-255) between pairs of images made for the same entry, averaged over
+    entries with at least two images; NaN when there are none. Mode collapse under a hacked reward lowers it."""
+    by_prompt: dict[str, list[np.ndarray]] = defaultdict(list)
+    for img, e in zip(images, entries):
+        by_prompt[json.dumps(e, sort_keys=True)].append(img.astype(np.float32))
+    dists = [np.mean([np.abs(a - b).mean() for i, a in enumerate(imgs) for b in imgs[i + 1:]])
+             for imgs in by_prompt.values() if len(imgs) > 1]
+    return float(np.mean(dists)) if dists else float("nan")
 
 
 def score_images(images: list[np.ndarray], entries: list[dict]) -> GenevalResult:
@@ -62,7 +74,8 @@ def score_images(images: list[np.ndarray], entries: list[dict]) -> GenevalResult
     # Tags are independent samples, so the overall's variance is the mean of their variances / n_tags.
     se["overall"] = float(math.sqrt(sum(s**2 for t, s in se.items() if t != "overall")) / len(per_tag))
     return GenevalResult(acc, se, {t: len(p) for t, p in per_tag.items()}, malformed / len(images),
-                         empty / len(images), float(np.mean(noise)), images, entries, passed)
+                         empty / len(images), float(np.mean(noise)), prompt_diversity(images, entries), images,
+                         entries, passed)
 
 
 @torch.no_grad()
@@ -83,13 +96,14 @@ def evaluate(policy, entries: list[dict], *, images_per_prompt: int, num_steps: 
 def markdown_table(results: dict[str, dict]) -> str:
     """Rows: one per `GenevalResult.summary()` (e.g. base, trained); columns: overall, tags, quality guards."""
     tags = [t for t in W.TAGS if any(t in r["accuracy"] for r in results.values())]
-    head = "| model | overall | " + " | ".join(tags) + " | malformed | empty | bg noise |"
-    sep = "|" + "---|" * (len(tags) + 5)
+    head = "| model | overall | " + " | ".join(tags) + " | malformed | empty | bg noise | diversity |"
+    sep = "|" + "---|" * (len(tags) + 6)
     lines = [head, sep]
     for name, r in results.items():
         cells = [f"{100 * r['accuracy'][t]:.1f} ± {100 * r['stderr'][t]:.1f}" for t in ["overall"] + tags]
         lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {100 * r['malformed']:.1f}% | {100 * r['empty']:.1f}% | {r['background_noise']:.2f} |")
+                     f" | {100 * r['malformed']:.1f}% | {100 * r['empty']:.1f}% | {r['background_noise']:.2f}"
+                     f" | {r.get('diversity', float('nan')):.1f} |")
     return "\n".join(lines)
 
 

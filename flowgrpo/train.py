@@ -173,7 +173,7 @@ def _eval_and_log(policy, entries, cfg, out, state, accel, results, reward_fn) -
                    f"(grid {out / 'eval' / name / 'grid.png'})")
         return
     accel.log({f"eval/{k}": v for k, v in r.accuracy.items()} | {"eval/malformed": r.malformed,
-              "eval/background_noise": r.background_noise}, step=state.iteration)
+              "eval/background_noise": r.background_noise, "eval/diversity": r.diversity}, step=state.iteration)
     tqdm.write(f"iteration {state.iteration}: overall {100 * r.accuracy['overall']:.1f}% "
                f"(malformed {100 * r.malformed:.1f}%, grid {out / 'eval' / name / 'grid.png'})")
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 
 from flowgrpo.cli import main
-from flowgrpo.eval.geneval import markdown_table, score_images, write_report
+from flowgrpo.eval.geneval import markdown_table, prompt_diversity, score_images, write_report
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.shapes.render import render
 
@@ -26,6 +26,16 @@ def test_score_images_per_tag_and_overall(tmp_path):
     out = write_report(r, tmp_path, name="gt")
     assert json.loads((out / "results.json").read_text())["accuracy"]["counting"] == 1.0
     assert (out / "grid.png").is_file() and "| gt |" in markdown_table({"gt": r.summary()})
+
+
+def test_prompt_diversity_is_the_mean_pixel_distance_within_each_prompt():
+    a, b = {"prompt": "a"}, {"prompt": "b"}
+    img = lambda v: np.full((2, 2, 3), v, dtype=np.uint8)  # noqa: E731
+    # prompt a: images 0, 10, 40 -> pairs 10, 40, 30 -> 26.67; prompt b: 100, 100 -> 0; a lone image is skipped
+    images = [img(0), img(10), img(40), img(100), img(100), img(7)]
+    entries = [a, a, a, b, b, {"prompt": "c"}]
+    assert abs(prompt_diversity(images, entries) - (80 / 3 + 0) / 2) < 1e-5  # float32 pixels
+    assert np.isnan(prompt_diversity([img(0)], [a]))
 
 
 def test_unknown_classes_and_bad_files_are_refused(tmp_path, capsys):
