@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import ast
 import base64
-import http.client
 import io
 import json
 import re
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 from PIL import Image
 
 from flowgrpo.eval.unigenbench_data import PromptRow, Testpoint
+from flowgrpo.rewards.http_client import HttpStatusError, RequestFailed, post_json
+from flowgrpo.rewards.openai_chat import answer_text
 
 
 @dataclass(frozen=True)
@@ -172,10 +170,11 @@ def png_data_url(image: Image.Image) -> str:
 class ChatJudge:
     """UniGenBench judging through an OpenAI-compatible `/chat/completions` endpoint (vLLM, SGLang, APIs).
 
-    Transport errors (connection, timeout, HTTP 5xx/429, unreadable body) and answers that do not parse
-    or have the wrong number of scores are retried up to `max_attempts` times with exponential backoff;
-    then the result is a failure with the reason, never a guessed score. Other HTTP 4xx answers raise
-    JudgeConfigError at once. Thread-safe: one request per call, no shared connection.
+    Transport errors (connection, timeout, HTTP 5xx/408/429, unreadable body) and answers that do not parse
+    or have the wrong number of scores are retried up to `max_attempts` times with exponential backoff
+    (`flowgrpo.rewards.http_client.post_json`, shared with the reward clients); then the result is a failure
+    with the reason, never a guessed score. Other HTTP 4xx answers raise JudgeConfigError at once.
+    Thread-safe: one request per call, no shared connection.
     """
 
     def __init__(self, url: str, model: str, api_key: str | None = None, *, timeout: float = 120.0,
@@ -195,7 +194,7 @@ class ChatJudge:
         for row in rows:
             build_judge_prompt(row)
 
-    def _payload(self, image: Image.Image, row: PromptRow) -> bytes:
+    def _payload(self, image: Image.Image, row: PromptRow) -> dict:
         content = [
             {"type": "image_url", "image_url": {"url": png_data_url(image)}},
             {"type": "text", "text": build_judge_prompt(row)},
@@ -203,40 +202,30 @@ class ChatJudge:
         body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": self.max_tokens}
         if self.temperature is not None:
             body["temperature"] = self.temperature
-        return json.dumps(body, ensure_ascii=False).encode("utf-8")
-
-    def _post(self, payload: bytes) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            body = json.loads(response.read().decode("utf-8"))
-        content = body["choices"][0]["message"]["content"]
-        if not isinstance(content, str):
-            raise ValueError(f"message content is {type(content).__name__}, not text")
-        return content
+        return body
 
     def __call__(self, image: Image.Image, row: PromptRow) -> JudgeResult:
-        payload = self._payload(image, row)
-        raw, error = "", ""
-        for attempt in range(1, self.max_attempts + 1):
-            if attempt > 1:
-                time.sleep(min(self.backoff * 2 ** (attempt - 2), self.max_backoff))
+        last = {"raw": "", "attempts": 1}
+
+        def parse(answer) -> list[int]:
+            last["raw"] = answer_text(answer)
             try:
-                raw = self._post(payload)
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", "replace")[:300]
-                if 400 <= err.code < 500 and err.code not in (408, 429):
-                    raise JudgeConfigError(f"{self.url} answered HTTP {err.code} for model {self.model!r}: {detail}") from None
-                error = f"HTTP {err.code}: {detail}"
-                continue
-            except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError) as err:
-                # OSError covers refused connections and timeouts; the rest are malformed response bodies.
-                error = f"request failed: {type(err).__name__}: {err}"
-                continue
-            try:
-                return JudgeResult(parse_judge_answer(raw, len(row.testpoints)), raw, None, attempt)
+                return parse_judge_answer(last["raw"], len(row.testpoints))
             except ValueError as err:
-                error = f"unparseable answer: {err}"
-        return JudgeResult(None, raw, f"gave up after {self.max_attempts} attempts; last error: {error}", self.max_attempts)
+                raise ValueError(f"unparseable answer: {err}") from None
+
+        def retried(_reason: str) -> None:
+            last["attempts"] += 1
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            scores = post_json(self.url, self._payload(image, row), headers=headers, timeout=self.timeout,
+                               retries=self.max_attempts - 1, backoff=self.backoff, max_backoff=self.max_backoff,
+                               validate=parse, on_retry=retried)
+        except HttpStatusError as err:
+            raise JudgeConfigError(f"{self.url} answered HTTP {err.status} for model {self.model!r}: "
+                                   f"{err.body[:300]}") from None
+        except RequestFailed as err:
+            return JudgeResult(None, last["raw"], f"gave up after {err.attempts} attempts; last error: {err.reason}",
+                               err.attempts)
+        return JudgeResult(scores, last["raw"], None, last["attempts"])

@@ -47,8 +47,8 @@ class TrainConfig:
     train_steps: int = 0  # 0 = train on every SDE step; k > 0 = a random subset of k (DanceGRPO)
     # flow_grpo = SDE on every step of the window; g2rpo = G²RPO singular stochastic sampling: each group shares its
     # ODE path up to one branch step (random in the window) where each member takes one SDE step, then ODE
-    strategy: str = "flow_grpo"
-    sde_steps: int = 0  # the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)
+    strategy: str = "g2rpo"
+    sde_steps: int = 3  # the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)
     guidance: float = 4.5
     noise_level: float = 0.7
     sde_kind: str = "flow_grpo"
@@ -62,7 +62,7 @@ class TrainConfig:
     clip_low: float = 1e-3
     clip_high: float = 1e-3
     beta: float = 0.02  # KL to the reference (keeps images clean); 0 never runs the reference
-    lr: float = 1e-4
+    lr: float = 3e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     optimizer_steps: int = 1  # optimizer steps per iteration (the batch is split between them)
@@ -123,18 +123,19 @@ PRESETS: dict[str, dict] = {
     # The embedded default: the shipped Shapes base model on a 2-core CPU in ~15 minutes.
     "shapes": {},
     # Real models read from a local directory (pass --model PATH); values follow Flow-GRPO's GenEval recipes.
-    "sd35-medium": dict(model="", height=512, width=512, lora_rank=32, micro_batch=4, prompts_per_iter=4,
-                        group_size=8, num_steps=10, eval_num_steps=40, guidance=4.5, noise_level=0.7, lr=3e-4,
-                        clip_low=1e-4, clip_high=1e-4, beta=0.004, reward="shapes", prompts="prompts.jsonl",
-                        eval_prompts="prompts.jsonl", out="runs/sd35-grpo", max_minutes=0.0, iterations=2000,
-                        family_options={"max_sequence_length": 128}),
-    "flux-dev": dict(model="", height=512, width=512, lora_rank=32, micro_batch=2, prompts_per_iter=4, group_size=8,
-                     num_steps=6, eval_num_steps=28, guidance=1.0, noise_level=0.9, lr=1e-4, clip_low=1e-4,
-                     clip_high=1e-4, beta=0.0, out="runs/flux-grpo", iterations=2000, max_minutes=0.0,
-                     family_options={"guidance_scale": 3.5}),
-    "sana": dict(model="", height=512, width=512, lora_rank=32, micro_batch=4, prompts_per_iter=4, group_size=8,
-                 num_steps=10, eval_num_steps=20, guidance=4.5, noise_level=0.7, lr=1e-4, clip_low=1e-4,
-                 clip_high=1e-4, beta=0.0, out="runs/sana-grpo", iterations=2000, max_minutes=0.0),
+    "sd35-medium": dict(model="", strategy="flow_grpo", sde_steps=0, height=512, width=512, lora_rank=32,
+                        micro_batch=4, prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=40, guidance=4.5,
+                        noise_level=0.7, lr=3e-4, clip_low=1e-4, clip_high=1e-4, beta=0.004, reward="shapes",
+                        prompts="prompts.jsonl", eval_prompts="prompts.jsonl", out="runs/sd35-grpo", max_minutes=0.0,
+                        iterations=2000, family_options={"max_sequence_length": 128}),
+    "flux-dev": dict(model="", strategy="flow_grpo", sde_steps=0, height=512, width=512, lora_rank=32, micro_batch=2,
+                     prompts_per_iter=4, group_size=8, num_steps=6, eval_num_steps=28, guidance=1.0, noise_level=0.9,
+                     lr=1e-4, clip_low=1e-4, clip_high=1e-4, beta=0.0, out="runs/flux-grpo", iterations=2000,
+                     max_minutes=0.0, family_options={"guidance_scale": 3.5}),
+    "sana": dict(model="", strategy="flow_grpo", sde_steps=0, height=512, width=512, lora_rank=32, micro_batch=4,
+                 prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=20, guidance=4.5, noise_level=0.7,
+                 lr=1e-4, clip_low=1e-4, clip_high=1e-4, beta=0.0, out="runs/sana-grpo", iterations=2000,
+                 max_minutes=0.0),
 }
 
 

@@ -215,7 +215,7 @@ def test_server_dying_mid_run_then_restarting(tmp_path, bench):
     first = run_unigenbench(rows, tmp_path / "out", judge, images_dir=tmp_path / "images", n=4, concurrency=2)
     done = sum(server.delivered((r.index, j)) for r in rows for j in range(4))
     assert done >= 6 and first["images"] == {"expected": 20, "judged": done, "failed": 20 - done}
-    assert all("request failed" in f["error"] for f in first["failures"])
+    assert all("gave up after 2 attempts" in f["error"] for f in first["failures"])
     server.die_after = None
     server.start(port=server.port)  # same URL: the same call resumes
     try:

@@ -6,7 +6,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from flowgrpo.policies.families import SD3Family
-from flowgrpo.samplers.steps import ode_step
+from flowgrpo.samplers.rollout import sample_trajectory
 
 
 def sd3_velocity(transformer: SD3Transformer2DModel, x: torch.Tensor, sigma: torch.Tensor,
@@ -31,11 +31,10 @@ def ode_sample(transformer, embeds, pooled, neg_embeds, neg_pooled, *, sigmas: t
                generator: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
     """Euler ODE from noise to latents for a batch of prompt embeddings."""
     x = torch.randn((embeds.shape[0], *latent_shape), generator=generator)
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        sigma = s.expand(x.shape[0])
-        v = cfg_velocity(transformer, x, sigma, embeds, pooled, neg_embeds, neg_pooled, cfg)
-        x = ode_step(x, v, s, s_next)
-    return x
+    traj = sample_trajectory(lambda x, sigma: cfg_velocity(transformer, x, sigma, embeds, pooled, neg_embeds,
+                                                           neg_pooled, cfg),
+                             x, sigmas, sde_mask=torch.zeros(len(sigmas) - 1, dtype=torch.bool), generator=None)
+    return traj.latents[:, -1]
 
 
 @torch.no_grad()
