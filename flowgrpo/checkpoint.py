@@ -1,8 +1,9 @@
 """All training state in one place, saved and restored exactly.
 
 A checkpoint directory holds `weights.safetensors` (trainable weights: the full transformer or
-the LoRA parameters), `optimizer.pt` (the optimizer state, loaded with weights_only=True) and
-`state.json` (iteration, training time, every RNG stream, the prompt-stat tracker, history).
+the LoRA parameters), `optimizer.pt` (the optimizer state, loaded with weights_only=True),
+`ema.safetensors` (the weights' moving average, when the run keeps one) and `state.json` (iteration,
+training time, every RNG stream, the prompt-stat tracker, the EMA's update count, history).
 A run stopped after any checkpoint resumes as if it had never stopped.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flowgrpo.core import PromptStatTracker
+from flowgrpo.ema import WeightEMA
 
 FORMAT = 1
 
@@ -30,6 +32,7 @@ class TrainState:
     prompt_rng: np.random.Generator  # data position: which prompts come next
     tracker: PromptStatTracker
     history: dict = field(default_factory=lambda: {"eval": [], "train": []})
+    ema: WeightEMA | None = None  # the weights' moving average (evaluation and export use it)
 
     @classmethod
     def fresh(cls, seed: int, process_index: int = 0) -> "TrainState":
@@ -44,6 +47,7 @@ class TrainState:
             "rollout_rng": base64.b64encode(self.rollout_rng.get_state().numpy().tobytes()).decode(),
             "prompt_rng": self.prompt_rng.bit_generator.state,
             "tracker": self.tracker.state_dict(),
+            "ema_updates": self.ema.updates if self.ema is not None else None,
             "history": self.history,
         }
 
@@ -70,6 +74,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state_dict(model), tmp / "weights.safetensors")
+    if state.ema is not None:
+        save_file({n: t.contiguous() for n, t in state.ema.shadow.items()}, tmp / "ema.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state.to_json()))
     if path.exists():
@@ -83,10 +89,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore weights and optimizer in place; return the training state. Clear errors for bad checkpoints."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: WeightEMA | None = None) -> TrainState:
+    """Restore weights, optimizer and (if given) the EMA in place; return the training state.
+    Clear errors for bad checkpoints."""
     path = Path(path)
-    missing = [n for n in ("weights.safetensors", "optimizer.pt", "state.json") if not (path / n).is_file()]
+    files = ("weights.safetensors", "optimizer.pt", "state.json") + (("ema.safetensors",) if ema is not None else ())
+    missing = [n for n in files if not (path / n).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing}")
     try:
@@ -105,4 +114,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             with torch.no_grad():
                 p.copy_(weights[name])
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return TrainState.from_json(state)
+    restored = TrainState.from_json(state)
+    if ema is not None:
+        shadow = load_file(path / "ema.safetensors")
+        if set(shadow) != set(ema.shadow) or state.get("ema_updates") is None:
+            raise ValueError(f"checkpoint {path}: its EMA does not match the run's trainable parameters")
+        for n, t in shadow.items():
+            ema.shadow[n].copy_(t)
+        ema.updates = int(state["ema_updates"])
+        restored.ema = ema
+    return restored

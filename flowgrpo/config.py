@@ -50,7 +50,7 @@ class TrainConfig:
     strategy: str = "g2rpo"
     sde_steps: int = 3  # the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)
     guidance: float = 4.5
-    noise_level: float = 0.7
+    noise_level: float = 1.2
     sde_kind: str = "flow_grpo"
     shared_noise: bool = True
     # GRPO update
@@ -67,6 +67,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer_steps: int = 1  # optimizer steps per iteration (the batch is split between them)
     inner_epochs: int = 1
+    ema_decay: float = 0.97  # evaluate and export a moving average of the weights (per iteration); 0 = the live weights
     # schedule and evaluation
     iterations: int = 1000
     max_minutes: float = 15.0  # > 0: stop after this much training time (evaluation excluded); 0 = no limit
@@ -103,6 +104,8 @@ class TrainConfig:
         if (self.batch_size // self.micro_batch) % self.optimizer_steps:
             raise ConfigError(f"{self.batch_size // self.micro_batch} micro-batches per iteration cannot be split evenly "
                               f"into optimizer_steps={self.optimizer_steps}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.pointwise_weight <= 1:
             raise ConfigError(f"pointwise_weight must be in [0, 1], got {self.pointwise_weight}")
         for name in ("clip_low", "clip_high", "beta", "lr", "noise_level", "adv_clip", "max_minutes"):

@@ -6,6 +6,7 @@ evaluating and checkpointing on schedule; finish with base-vs-trained accuracy.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from flowgrpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from flowgrpo.config import TrainConfig
 from flowgrpo.core import compute_advantages
+from flowgrpo.ema import WeightEMA
 from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, write_report
 from flowgrpo.eval.reward_eval import RewardEvalResult, evaluate_reward, is_geneval, write_reward_report
 from flowgrpo.policies.flow import FlowPolicy
@@ -96,11 +98,13 @@ def train(cfg: TrainConfig) -> dict:
     judge = build_judge(cfg.judge, **cfg.judge_options) if cfg.judge else None
     train_entries, eval_entries = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)
     ckpt = out / "checkpoint"
+    ema = WeightEMA(policy.transformer, cfg.ema_decay) if cfg.ema_decay else None
     if cfg.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, policy.transformer, optimizer)
+        state = load_checkpoint(ckpt, policy.transformer, optimizer, ema)
         tqdm.write(f"resumed from {ckpt} at iteration {state.iteration}")
     else:
         state = TrainState.fresh(cfg.seed, accel.process_index)
+        state.ema = ema
     sigmas = policy.sigmas(cfg.num_steps)
 
     results: dict[str, GenevalResult | RewardEvalResult] = {}
@@ -134,6 +138,8 @@ def train(cfg: TrainConfig) -> dict:
                                      **opts)
         steps = train_step_indices(ro, cfg, state.rollout_rng)
         stats = grpo_update(policy, optimizer, params, ro, adv, steps, cfg)
+        if state.ema is not None:
+            state.ema.update(policy.transformer)
         state.iteration += 1
         state.train_seconds += time.time() - t0
 
@@ -157,14 +163,21 @@ def train(cfg: TrainConfig) -> dict:
     if state.history["eval"][-1]["iteration"] != state.iteration:
         _eval_and_log(policy, eval_entries, cfg, out, state, accel, results, reward_fn)
     save_checkpoint(ckpt, policy.transformer, optimizer, state)
-    policy.save(out / "final")
+    with evaluated_weights(policy, state):
+        policy.save(out / "final")
     accel.end_training()
     return _finish(state, out)
 
 
+def evaluated_weights(policy: FlowPolicy, state: TrainState):
+    """The weights evaluation and export use: the moving average when the run keeps one, else the live ones."""
+    return state.ema.applied(policy.transformer) if state.ema is not None else contextlib.nullcontext()
+
+
 def _eval_and_log(policy, entries, cfg, out, state, accel, results, reward_fn) -> None:
     name = f"iter{state.iteration:05d}"
-    results[name] = run_eval(policy, entries, cfg, out, name, reward_fn)
+    with evaluated_weights(policy, state):
+        results[name] = run_eval(policy, entries, cfg, out, name, reward_fn)
     r = results[name]
     state.history["eval"].append({"iteration": state.iteration, **r.summary()})
     if isinstance(r, RewardEvalResult):

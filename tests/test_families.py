@@ -215,7 +215,7 @@ def _train_cfg(models, name, out, prompts, eval_prompts, iterations):
                        lora_rank=0 if name == "sd3" else 4, prompts=str(prompts), eval_prompts=str(eval_prompts),
                        reward="brightness", out=str(out), iterations=iterations, prompts_per_iter=2, group_size=2,
                        micro_batch=2, num_steps=2, guidance=2.0, eval_num_steps=2, eval_images_per_prompt=1,
-                       eval_every=100, save_every=1, log_with="")
+                       eval_every=100, save_every=1, log_with="", strategy="flow_grpo", sde_steps=0)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -227,8 +227,9 @@ def test_train_iteration_save_and_exact_resume(models, name, tmp_path):
     train(_train_cfg(models, name, tmp_path / "b", prompts, eval_prompts, 1))
     resumed = train(_train_cfg(models, name, tmp_path / "b", prompts, eval_prompts, 2))
     assert straight["iterations"] == resumed["iterations"] == 2
-    weights = [(tmp_path / run / "checkpoint" / "weights.safetensors").read_bytes() for run in "ab"]
-    assert weights[0] == weights[1]  # 1 + 1 resumed iterations == 2 straight, bit for bit
+    for f in ("weights.safetensors", "ema.safetensors"):
+        weights = [(tmp_path / run / "checkpoint" / f).read_bytes() for run in "ab"]
+        assert weights[0] == weights[1]  # 1 + 1 resumed iterations == 2 straight, bit for bit
     states = [json.loads((tmp_path / run / "checkpoint" / "state.json").read_text()) for run in "ab"]
     assert [h["reward_mean"] for h in states[0]["history"]["train"]] == \
         [h["reward_mean"] for h in states[1]["history"]["train"]]

@@ -133,9 +133,10 @@ def test_resume_continues_exactly(tiny_model, tmp_path, eval_file):
     train(_cfg(tiny_model, tmp_path / "b", eval_file, 1))
     resumed = train(_cfg(tiny_model, tmp_path / "b", eval_file, 3))
     assert straight["iterations"] == resumed["iterations"] == 3
-    wa = (tmp_path / "a" / "checkpoint" / "weights.safetensors").read_bytes()
-    wb = (tmp_path / "b" / "checkpoint" / "weights.safetensors").read_bytes()
-    assert wa == wb  # bit-identical weights after 1 + 2 iterations vs 3 straight
+    for f in ("weights.safetensors", "ema.safetensors"):
+        wa = (tmp_path / "a" / "checkpoint" / f).read_bytes()
+        wb = (tmp_path / "b" / "checkpoint" / f).read_bytes()
+        assert wa == wb  # bit-identical weights and average after 1 + 2 iterations vs 3 straight
     sa = json.loads((tmp_path / "a" / "checkpoint" / "state.json").read_text())
     sb = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
     assert sa["rollout_rng"] == sb["rollout_rng"] and sa["prompt_rng"] == sb["prompt_rng"]
