@@ -67,7 +67,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer_steps: int = 1  # optimizer steps per iteration (the batch is split between them)
     inner_epochs: int = 1
-    ema_decay: float = 0.97  # evaluate and export a moving average of the weights (per iteration); 0 = the live weights
+    ema_decay: float = 0.0  # evaluate and export a moving average of the weights (per iteration); 0 = the live weights
     # schedule and evaluation
     iterations: int = 1000
     max_minutes: float = 15.0  # > 0: stop after this much training time (evaluation excluded); 0 = no limit

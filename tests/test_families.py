@@ -215,7 +215,8 @@ def _train_cfg(models, name, out, prompts, eval_prompts, iterations):
                        lora_rank=0 if name == "sd3" else 4, prompts=str(prompts), eval_prompts=str(eval_prompts),
                        reward="brightness", out=str(out), iterations=iterations, prompts_per_iter=2, group_size=2,
                        micro_batch=2, num_steps=2, guidance=2.0, eval_num_steps=2, eval_images_per_prompt=1,
-                       eval_every=100, save_every=1, log_with="", strategy="flow_grpo", sde_steps=0)
+                       eval_every=100, save_every=1, log_with="", strategy="flow_grpo", sde_steps=0,
+                       ema_decay=0.9)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

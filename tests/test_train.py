@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flowgrpo.checkpoint import load_checkpoint
 from flowgrpo.config import ConfigError, TrainConfig, make_config
@@ -124,7 +125,7 @@ def test_beta_zero_never_builds_the_reference_and_kl_starts_at_zero(tiny_model):
 def _cfg(model, out, evalf, iterations, **kw):
     return TrainConfig(model=str(model), out=str(out), eval_prompts=evalf, iterations=iterations, prompts_per_iter=2,
                        group_size=4, micro_batch=4, num_steps=3, eval_num_steps=3, eval_images_per_prompt=1,
-                       eval_every=100, save_every=1, log_with="", **kw)
+                       eval_every=100, save_every=1, log_with="", ema_decay=0.9, **kw)
 
 
 @pytest.mark.slow
@@ -145,6 +146,9 @@ def test_resume_continues_exactly(tiny_model, tmp_path, eval_file):
     assert ra == rb
     assert (tmp_path / "a" / "eval" / "base" / "grid.png").is_file() and (tmp_path / "a" / "report.md").is_file()
     assert (tmp_path / "a" / "final" / "model_index.json").is_file()
+    ema = load_file(tmp_path / "a" / "checkpoint" / "ema.safetensors")
+    exported = FlowPolicy.from_pretrained(tmp_path / "a" / "final").transformer
+    assert all(torch.equal(p, ema[n]) for n, p in exported.named_parameters())  # the export is the average
 
 
 def test_bad_checkpoints_are_refused_clearly(tiny_model, tmp_path, eval_file):
