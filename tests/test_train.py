@@ -181,6 +181,9 @@ def test_config_validation_names_the_numbers(tmp_path):
     y.write_text("lr: 0.001\nguidance: 2\n")
     cfg = make_config("shapes", str(y), {"guidance": "3.5"})
     assert cfg.lr == 0.001 and cfg.guidance == 3.5
+    assert cfg.judge == "shapes" and cfg.strategy == "g2rpo"  # the preset: Pref-GRPO win rates, singular sampling
+    assert make_config("shapes", overrides={"judge": ""}).judge == ""  # pointwise advantages
+    assert make_config("sd35-medium", overrides={"model": "m"}).strategy == "flow_grpo"
     y.write_text("- not a mapping\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         make_config("shapes", str(y))
