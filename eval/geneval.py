@@ -33,7 +33,8 @@ class GenevalResult:
 
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "stderr": self.stderr, "n_images": self.n_images,
-                "malformed": self.malformed, "empty": self.empty, "background_noise": self.background_noise, "diversity": self.diversity}
+                "malformed": self.malformed, "empty": self.empty, "background_noise": self.background_noise,
+                "diversity": self.diversity}
 
 
 def check_shapes_metadata(entries: list[dict]) -> None:
