@@ -49,7 +49,8 @@ def main() -> None:
         raise SystemExit(f"--names has {len(names)} labels for {len(args.runs)} runs")
     histories = {n: load_history(r) for n, r in zip(names, args.runs)}
 
-    lines = ["| run | iteration | train reward (last 20 it) | held-out overall | malformed | bg noise | diversity |",
+    lines = [f"| run | iteration | train reward (last {args.train_window} it) | held-out overall | malformed | bg noise | "
+             "diversity |",
              "|---|---|---|---|---|---|---|"]
     for n, h in histories.items():
         lines += eval_rows(n, h, args.train_window)

@@ -4,8 +4,9 @@ several micro-batch sizes measured in one process (compare them as ratios).
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/train_throughput.py --micro-batches 24 48 96 \
         --iterations 4 --out benchmarks/results/train_throughput.json
 
-Every setting runs the `shapes` preset's iteration (rollout with the preset's strategy, the verifier reward,
-`grpo` advantages, one update with the KL reference) on the same prompts and noise, after one warm-up iteration.
+Every setting runs the `shapes` preset's iteration (rollout with the preset's strategy, the verifier reward, the
+preset's advantages (Pref-GRPO win rates), one update with the KL reference) on the same prompts and noise, after
+one warm-up iteration.
 """
 from __future__ import annotations
 
@@ -20,21 +21,21 @@ import numpy as np
 import torch
 
 from flowgrpo.config import make_config
-from flowgrpo.core import compute_advantages
+from flowgrpo.core import PromptStatTracker
 from flowgrpo.prompts.loaders import load_prompts
-from flowgrpo.rewards import build_reward
+from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.samplers.rollout import group_noise
-from flowgrpo.train import load_policy, sample_groups, sde_mask_for
+from flowgrpo.train import load_policy, rollout_advantages, sample_groups, sde_mask_for
 from flowgrpo.update import grpo_update, train_step_indices
 
 
-def time_iterations(cfg, entries, reward_fn, iterations: int) -> dict[str, float]:
+def time_iterations(cfg, entries, reward_fn, judge, iterations: int) -> dict[str, float]:
     policy = load_policy(cfg)
     params = policy.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
     sigmas = policy.sigmas(cfg.num_steps)
-    phases: dict[str, list[float]] = {"rollout": [], "reward": [], "update": [], "total": []}
+    phases: dict[str, list[float]] = {"rollout": [], "reward+advantages": [], "update": [], "total": []}
     for i in range(iterations + 1):  # the first is a warm-up
         picked, gids = sample_groups(entries, cfg, rng, 0)
         t0 = time.perf_counter()
@@ -44,7 +45,7 @@ def time_iterations(cfg, entries, reward_fn, iterations: int) -> dict[str, float
                             noise_level=cfg.noise_level, generator=g)
         t1 = time.perf_counter()
         rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
-        adv = compute_advantages(cfg.advantage, rewards, gids, adv_clip=cfg.adv_clip)
+        adv = rollout_advantages(cfg, ro, rewards, judge, PromptStatTracker())
         t2 = time.perf_counter()
         grpo_update(policy, optimizer, params, ro, adv, train_step_indices(ro, cfg, g), cfg)
         t3 = time.perf_counter()
@@ -63,9 +64,10 @@ def main() -> None:
     base = make_config("shapes")
     entries = load_prompts(base.prompts)
     reward_fn = build_reward(base.reward, **base.reward_options)
+    judge = build_judge(base.judge, **base.judge_options) if base.judge else None
     results = {}
     for mb in args.micro_batches:
-        results[mb] = time_iterations(replace(base, micro_batch=mb), entries, reward_fn, args.iterations)
+        results[mb] = time_iterations(replace(base, micro_batch=mb), entries, reward_fn, judge, args.iterations)
         print(f"micro_batch {mb}: " + ", ".join(f"{k} {v:.2f} s" for k, v in results[mb].items()), flush=True)
     ref = results[args.micro_batches[0]]["total"]
     for mb, r in results.items():

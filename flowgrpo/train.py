@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from flowgrpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from flowgrpo.config import TrainConfig
-from flowgrpo.core import compute_advantages
+from flowgrpo.core import AdvantageResult, compute_advantages
 from flowgrpo.ema import WeightEMA
 from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, write_report
 from flowgrpo.eval.reward_eval import RewardEvalResult, evaluate_reward, is_geneval, write_reward_report
@@ -55,6 +55,17 @@ def sde_mask_for(cfg: TrainConfig, group_ids: torch.Tensor, generator: torch.Gen
     mask = torch.zeros(num_steps, dtype=torch.bool)
     mask[: min(cfg.sde_steps or num_steps, usable)] = True
     return mask
+
+
+def rollout_advantages(cfg: TrainConfig, ro, rewards: torch.Tensor, judge, tracker) -> AdvantageResult:
+    """Pref-GRPO win rates when a judge is set, else the pointwise estimator (with the per-prompt tracker if it keeps one)."""
+    if judge is not None:
+        return pref_advantages(judge, ro, rewards, cfg)
+    opts = dict(cfg.advantage_options)
+    if cfg.advantage in TRACKED_ESTIMATORS:
+        opts.update(tracker=tracker, prompt_keys=ro.prompts)
+    return compute_advantages(cfg.advantage, rewards, ro.group_ids, adv_clip=cfg.adv_clip, zero_std=cfg.zero_std,
+                              **opts)
 
 
 def sample_groups(entries: list[dict], cfg: TrainConfig, rng: np.random.Generator, process_index: int):
@@ -128,14 +139,7 @@ def train(cfg: TrainConfig) -> dict:
                             sde_mask=sde_mask_for(cfg, group_ids, state.rollout_rng), guidance=cfg.guidance, kind=cfg.sde_kind,
                             noise_level=cfg.noise_level, generator=state.rollout_rng)
         rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
-        if judge is not None:
-            adv = pref_advantages(judge, ro, rewards, cfg)
-        else:
-            opts = dict(cfg.advantage_options)
-            if cfg.advantage in TRACKED_ESTIMATORS:
-                opts.update(tracker=state.tracker, prompt_keys=ro.prompts)
-            adv = compute_advantages(cfg.advantage, rewards, group_ids, adv_clip=cfg.adv_clip, zero_std=cfg.zero_std,
-                                     **opts)
+        adv = rollout_advantages(cfg, ro, rewards, judge, state.tracker)
         steps = train_step_indices(ro, cfg, state.rollout_rng)
         stats = grpo_update(policy, optimizer, params, ro, adv, steps, cfg)
         if state.ema is not None:
