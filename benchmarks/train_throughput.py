@@ -1,8 +1,8 @@
 """Seconds per GRPO iteration on the shipped Shapes model, split into rollout, reward and update, for
-several micro-batch sizes measured in one process (compare them as ratios).
+several precisions and micro-batch sizes measured in one process (compare them as ratios).
 
-    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/train_throughput.py --micro-batches 24 48 96 \
-        --iterations 4 --out benchmarks/results/train_throughput.json
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/train_throughput.py --precisions fp32 bf16 \
+        --micro-batches 24 48 --iterations 4 --out benchmarks/results/train_throughput.json
 
 Every setting runs the `shapes` preset's iteration (rollout with the preset's strategy, the verifier reward, the
 preset's advantages (Pref-GRPO win rates), one update with the KL reference) on the same prompts and noise, after
@@ -58,6 +58,7 @@ def time_iterations(cfg, entries, reward_fn, judge, iterations: int) -> dict[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[24, 48, 96])
+    ap.add_argument("--precisions", nargs="+", default=["fp32"], help="fp32 and/or bf16")
     ap.add_argument("--iterations", type=int, default=4, help="timed iterations per setting (after a warm-up)")
     ap.add_argument("--out", type=Path, help="write the medians as JSON here")
     args = ap.parse_args()
@@ -66,12 +67,15 @@ def main() -> None:
     reward_fn = build_reward(base.reward, **base.reward_options)
     judge = build_judge(base.judge, **base.judge_options) if base.judge else None
     results = {}
-    for mb in args.micro_batches:
-        results[mb] = time_iterations(replace(base, micro_batch=mb), entries, reward_fn, judge, args.iterations)
-        print(f"micro_batch {mb}: " + ", ".join(f"{k} {v:.2f} s" for k, v in results[mb].items()), flush=True)
-    ref = results[args.micro_batches[0]]["total"]
-    for mb, r in results.items():
-        print(f"micro_batch {mb}: {r['total'] / ref:.2f} x the time of micro_batch {args.micro_batches[0]}")
+    for precision in args.precisions:
+        for mb in args.micro_batches:
+            name = f"{precision} micro_batch {mb}"
+            cfg = replace(base, micro_batch=mb, precision=precision)
+            results[name] = time_iterations(cfg, entries, reward_fn, judge, args.iterations)
+            print(f"{name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in results[name].items()), flush=True)
+    first = next(iter(results))
+    for name, r in results.items():
+        print(f"{name}: {r['total'] / results[first]['total']:.2f} x the time of {first}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "iterations": args.iterations,

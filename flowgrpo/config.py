@@ -13,9 +13,11 @@ from pathlib import Path
 import yaml
 
 from flowgrpo.assets import SHAPES_MODEL
+from flowgrpo.core import TRACKED_ESTIMATORS
 
 SDE_KINDS = ("flow_grpo", "dance", "cps")
 STRATEGIES = ("flow_grpo", "g2rpo")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -30,6 +32,7 @@ class TrainConfig:
     height: int = 0  # 0 = the model's native size
     width: int = 0
     lora_rank: int = 0  # 0 = full fine-tuning
+    precision: str = "fp32"  # rollouts and updates: fp32, or bf16 autocast of the transformer (evaluation stays fp32)
     prompts: str = "shapes:train"
     eval_prompts: str = "shapes:test"
     reward: str = "shapes"
@@ -49,6 +52,9 @@ class TrainConfig:
     # ODE path up to one branch step (random in the window) where each member takes one SDE step, then ODE
     strategy: str = "g2rpo"
     sde_steps: int = 3  # the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)
+    # g2rpo multi-granularity: also finish each branch by ODE on every 2nd, ..., n-th later sigma and sum the
+    # advantages of all n granularities (each normalised in its groups); 1 = the sampling schedule only
+    granularities: int = 1
     guidance: float = 4.5
     noise_level: float = 1.2
     sde_kind: str = "flow_grpo"
@@ -79,19 +85,27 @@ class TrainConfig:
     log_with: str = "tensorboard"
 
     def __post_init__(self) -> None:
-        positive = ("prompts_per_iter", "group_size", "micro_batch", "num_steps", "optimizer_steps", "inner_epochs",
+        positive = ("prompts_per_iter", "group_size", "micro_batch", "num_steps", "granularities", "optimizer_steps",
+                    "inner_epochs",
                     "iterations", "eval_every", "eval_num_steps", "eval_images_per_prompt", "save_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sde_kind not in SDE_KINDS:
             raise ConfigError(f"sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.strategy == "g2rpo" and not self.shared_noise:
             raise ConfigError("strategy g2rpo branches each group from one shared ODE path: it needs shared_noise=true")
         if self.strategy == "g2rpo" and self.train_steps > 1:
             raise ConfigError(f"strategy g2rpo has one SDE step per sample; train_steps={self.train_steps} must be 0 or 1")
+        if self.granularities > 1 and self.strategy != "g2rpo":
+            raise ConfigError(f"granularities={self.granularities} finishes G²RPO branches: it needs strategy g2rpo")
+        if self.granularities > 1 and self.advantage in TRACKED_ESTIMATORS and not self.judge:
+            raise ConfigError(f"advantage {self.advantage!r} keeps per-prompt statistics; it cannot be computed once "
+                              f"per granularity (granularities={self.granularities})")
         if not 0 <= self.sde_steps <= self.num_steps:
             raise ConfigError(f"sde_steps={self.sde_steps} must be in [0, num_steps={self.num_steps}]")
         if not 0 <= self.train_steps <= self.num_steps:
@@ -127,19 +141,19 @@ PRESETS: dict[str, dict] = {
     # advantages from the verifier as a pairwise judge (it beat pointwise advantages in BENCHMARKS.md).
     "shapes": dict(judge="shapes"),
     # Real models read from a local directory (pass --model PATH); values follow Flow-GRPO's GenEval recipes.
-    "sd35-medium": dict(model="", strategy="flow_grpo", sde_steps=0, height=512, width=512, lora_rank=32,
-                        micro_batch=4, prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=40, guidance=4.5,
-                        noise_level=0.7, lr=3e-4, clip_low=1e-4, clip_high=1e-4, beta=0.004, reward="shapes",
-                        prompts="prompts.jsonl", eval_prompts="prompts.jsonl", out="runs/sd35-grpo", max_minutes=0.0,
-                        iterations=2000, family_options={"max_sequence_length": 128}),
-    "flux-dev": dict(model="", strategy="flow_grpo", sde_steps=0, height=512, width=512, lora_rank=32, micro_batch=2,
-                     prompts_per_iter=4, group_size=8, num_steps=6, eval_num_steps=28, guidance=1.0, noise_level=0.9,
-                     lr=1e-4, clip_low=1e-4, clip_high=1e-4, beta=0.0, out="runs/flux-grpo", iterations=2000,
-                     max_minutes=0.0, family_options={"guidance_scale": 3.5}),
-    "sana": dict(model="", strategy="flow_grpo", sde_steps=0, height=512, width=512, lora_rank=32, micro_batch=4,
-                 prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=20, guidance=4.5, noise_level=0.7,
-                 lr=1e-4, clip_low=1e-4, clip_high=1e-4, beta=0.0, out="runs/sana-grpo", iterations=2000,
-                 max_minutes=0.0),
+    "sd35-medium": dict(model="", strategy="flow_grpo", sde_steps=0, precision="bf16", height=512, width=512,
+                        lora_rank=32, micro_batch=4, prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=40,
+                        guidance=4.5, noise_level=0.7, lr=3e-4, clip_low=1e-4, clip_high=1e-4, beta=0.004,
+                        reward="shapes", prompts="prompts.jsonl", eval_prompts="prompts.jsonl", out="runs/sd35-grpo",
+                        max_minutes=0.0, iterations=2000, family_options={"max_sequence_length": 128}),
+    "flux-dev": dict(model="", strategy="flow_grpo", sde_steps=0, precision="bf16", height=512, width=512, lora_rank=32,
+                     micro_batch=2, prompts_per_iter=4, group_size=8, num_steps=6, eval_num_steps=28, guidance=1.0,
+                     noise_level=0.9, lr=1e-4, clip_low=1e-4, clip_high=1e-4, beta=0.0, out="runs/flux-grpo",
+                     iterations=2000, max_minutes=0.0, family_options={"guidance_scale": 3.5}),
+    "sana": dict(model="", strategy="flow_grpo", sde_steps=0, precision="bf16", height=512, width=512, lora_rank=32,
+                 micro_batch=4, prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=20, guidance=4.5,
+                 noise_level=0.7, lr=1e-4, clip_low=1e-4, clip_high=1e-4, beta=0.0, out="runs/sana-grpo",
+                 iterations=2000, max_minutes=0.0),
 }
 
 

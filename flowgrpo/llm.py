@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowgrpo.core import PromptStatTracker, compute_advantages, k3_kl, loss_weights, ppo_clip_loss
-from flowgrpo.llm_config import TRACKED_ADVANTAGES, GRPOConfig
+from flowgrpo.core import TRACKED_ESTIMATORS, PromptStatTracker, compute_advantages, k3_kl, loss_weights, ppo_clip_loss
+from flowgrpo.llm_config import GRPOConfig
 from flowgrpo.policies.llm import LLMPolicy, TokenRollout, load_causal_lm
 
 __all__ = ["GRPO", "GRPOConfig", "micro_batch_loss"]
@@ -143,7 +143,7 @@ class GRPO:
 
     def _advantage_opts(self, prompts: list, rows: list[Mapping]) -> dict:
         opts = dict(self.config.advantage_opts)
-        if self.config.advantage in TRACKED_ADVANTAGES:
+        if self.config.advantage in TRACKED_ESTIMATORS:
             opts.update(tracker=self.tracker, prompt_keys=[json.dumps(p, sort_keys=True) for p in prompts])
         if self.config.advantage == "stratified":
             if "strata" not in rows[0]:

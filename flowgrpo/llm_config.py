@@ -8,10 +8,7 @@ from typing import Any
 from flowgrpo.core import ADVANTAGES, AGGREGATIONS
 from flowgrpo.policies.llm import SamplingConfig
 
-__all__ = ["GRPOConfig", "TRACKED_ADVANTAGES"]
-
-# estimators that keep per-prompt state in a PromptStatTracker (the trainer owns and checkpoints it)
-TRACKED_ADVANTAGES = frozenset({"spo", "bnpo"})
+__all__ = ["GRPOConfig"]
 
 
 @dataclass(frozen=True)

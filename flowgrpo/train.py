@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from flowgrpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from flowgrpo.config import TrainConfig
-from flowgrpo.core import AdvantageResult, compute_advantages
+from flowgrpo.core import TRACKED_ESTIMATORS, AdvantageResult, compute_advantages
 from flowgrpo.ema import WeightEMA
 from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, write_report
 from flowgrpo.eval.reward_eval import RewardEvalResult, evaluate_reward, is_geneval, write_reward_report
@@ -31,12 +31,13 @@ from flowgrpo.samplers.rollout import group_noise, singular_branch_mask
 from flowgrpo.shapes.data import tag_balanced_indices
 from flowgrpo.update import grpo_update, train_step_indices
 
-TRACKED_ESTIMATORS = ("bnpo", "spo")
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def load_policy(cfg: TrainConfig) -> FlowPolicy:
     policy = FlowPolicy.from_pretrained(cfg.model, height=cfg.height or None, width=cfg.width or None,
                                         micro_batch=cfg.micro_batch, family_options=cfg.family_options)
+    policy.autocast = AUTOCAST[cfg.precision]
     if cfg.lora_rank:
         policy.add_lora(cfg.lora_rank, seed=cfg.seed)
     if cfg.beta > 0:
@@ -68,6 +69,21 @@ def rollout_advantages(cfg: TrainConfig, ro, rewards: torch.Tensor, judge, track
                               **opts)
 
 
+def granular_advantages(cfg: TrainConfig, policy: FlowPolicy, ro, rewards: torch.Tensor, reward_fn, judge,
+                        tracker) -> AdvantageResult:
+    """`rollout_advantages` of the sampled images, plus (G²RPO multi-granularity) those of the same branches
+    finished on each coarser schedule, summed; a row is valid only if it is valid at every granularity."""
+    adv = rollout_advantages(cfg, ro, rewards, judge, tracker)
+    total, valid, stats = adv.advantages.clone(), adv.valid.clone(), dict(adv.stats)
+    for lam in range(2, cfg.granularities + 1):
+        coarse = replace(ro, images=policy.finish_coarse(ro, lam, cfg.guidance))
+        r = reward_fn(coarse.images, coarse.prompts, coarse.metadata)
+        a = rollout_advantages(cfg, coarse, r, judge, tracker)
+        total, valid = total + a.advantages, valid & a.valid
+        stats[f"reward_granularity{lam}"] = float(r.nanmean())
+    return AdvantageResult(torch.where(valid, total, torch.zeros_like(total)), valid, stats)
+
+
 def sample_groups(entries: list[dict], cfg: TrainConfig, rng: np.random.Generator, process_index: int):
     """prompts_per_iter entries (tag-balanced when entries have tags), each repeated group_size times."""
     if all("tag" in e for e in entries):
@@ -81,7 +97,13 @@ def sample_groups(entries: list[dict], cfg: TrainConfig, rng: np.random.Generato
 
 def run_eval(policy: FlowPolicy, entries: list[dict], cfg: TrainConfig, out: Path, name: str,
              reward_fn) -> GenevalResult | RewardEvalResult:
-    """GenEval accuracy when the eval prompts carry GenEval metadata; otherwise the training reward's mean."""
+    """GenEval accuracy when the eval prompts carry GenEval metadata; otherwise the training reward's mean.
+    Always in fp32, so base and trained numbers do not depend on the training precision."""
+    with policy.precision(None):
+        return _run_eval(policy, entries, cfg, out, name, reward_fn)
+
+
+def _run_eval(policy, entries, cfg, out, name, reward_fn):
     kw = dict(images_per_prompt=cfg.eval_images_per_prompt, num_steps=cfg.eval_num_steps, guidance=cfg.guidance,
               seed=cfg.seed)
     if not is_geneval(entries):
@@ -139,7 +161,7 @@ def train(cfg: TrainConfig) -> dict:
                             sde_mask=sde_mask_for(cfg, group_ids, state.rollout_rng), guidance=cfg.guidance, kind=cfg.sde_kind,
                             noise_level=cfg.noise_level, generator=state.rollout_rng)
         rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
-        adv = rollout_advantages(cfg, ro, rewards, judge, state.tracker)
+        adv = granular_advantages(cfg, policy, ro, rewards, reward_fn, judge, state.tracker)
         steps = train_step_indices(ro, cfg, state.rollout_rng)
         stats = grpo_update(policy, optimizer, params, ro, adv, steps, cfg)
         if state.ema is not None:

@@ -55,7 +55,7 @@ def grpo_update(policy: FlowPolicy, optimizer: torch.optim.Optimizer, params: li
                             _, ref_mean, _ = policy.step_log_prob(ro, rows, j, cfg.guidance, transformer=ref, grad=False)
                         kl = gaussian_mean_kl(mean, ref_mean, std)
                         loss = loss + cfg.beta * kl[:, None]
-                        sums["kl"].append(float(kl.mean()))
+                        sums["kl"].append(float(kl.detach().mean()))
                     (loss * w_rows[:, k : k + 1]).sum().backward()
                     for name, value in st.items():
                         sums[name].append(float(value))

@@ -7,6 +7,8 @@
   branch step, where every member takes its own SDE step, then all continue by ODE
   (``singular_branch_mask``, a per-row ``sde_mask``). Reward differences inside a group then come
   from that one step's noise alone, and training needs one step per sample instead of all of them.
+  Multi-granularity: each branch is also finished on coarser ODE schedules (``coarse_tail``) and the
+  advantages of every granularity are summed, so credit does not hinge on one solver's discretisation.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import Tensor
 from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob, ode_step, sde_step
 
 __all__ = [
-    "Trajectory", "dance_train_steps", "group_noise", "mixgrpo_window", "sample_trajectory", "singular_branch_mask",
+    "Trajectory", "coarse_tail", "dance_train_steps", "group_noise", "mixgrpo_window", "sample_trajectory",
+    "singular_branch_mask",
 ]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -199,6 +202,22 @@ def singular_branch_mask(group_ids: Tensor, window: int, num_steps: int, generat
     groups, inverse = torch.unique(group_ids, return_inverse=True)
     branch = torch.randint(window, (len(groups),), generator=generator)[inverse]
     return torch.nn.functional.one_hot(branch, num_steps).to(torch.bool)
+
+
+def coarse_tail(sigmas: Tensor, branch_step: int, granularity: int) -> Tensor:
+    """G²RPO multi-granularity: the ODE schedule that finishes a branch taken at ``branch_step`` = k, from
+    σ[k+1] over every ``granularity``-th later sigma: ``σ[k+1], σ[k+2], σ[k+2+λ], …, 0`` (σ[:k+2] ++ σ[k+2::λ]
+    after the branch, with the final 0 kept so the sample is finished). Granularity 1 is the sampling schedule;
+    a branch at the last step leaves ``[0.]``, nothing to integrate.
+    """
+    _check_sigmas(sigmas)
+    _check_positive_int("granularity", granularity)
+    num_steps = sigmas.numel() - 1
+    if isinstance(branch_step, bool) or not isinstance(branch_step, int) or not 0 <= branch_step < num_steps:
+        raise ValueError(f"branch_step must be an int in [0, {num_steps}), got {branch_step!r}")
+    tail = sigmas[branch_step + 1 :]
+    keep = torch.cat([tail[:1], tail[1::granularity], tail[-1:]])
+    return torch.unique_consecutive(keep)
 
 
 def group_noise(

@@ -162,8 +162,10 @@ def _sde_rollout(policy, guidance, seed=0):
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_importance_ratio_is_one_on_the_first_inner_step(models, name, guidance):
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_importance_ratio_is_one_on_the_first_inner_step(models, name, guidance, autocast):
     policy = _policy(models, name, micro_batch=2)
+    policy.autocast = autocast  # the real-model presets train in bf16
     ro = _sde_rollout(policy, guidance)
     assert ro.images.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert ro.log_probs.abs().min() > 0

@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from flowgrpo.samplers.rollout import (
-    Trajectory, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory, singular_branch_mask,
+    Trajectory, coarse_tail, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory, singular_branch_mask,
 )
 from flowgrpo.samplers.schedules import flow_sigmas
 from flowgrpo.samplers.steps import SDE_STEPS, ode_step, sde_log_prob
@@ -214,6 +214,26 @@ def test_singular_branch_mask_one_step_per_row_shared_by_the_group():
     assert torch.equal(mask, again)
     with pytest.raises(ValueError, match="exceeds num_steps"):
         singular_branch_mask(gids, N_STEPS + 1, N_STEPS, torch.Generator())
+
+
+def test_coarse_tail_hand_computed():
+    """σ = 1, 0.9, …, 0 (10 steps): σ[:k+2] ++ σ[k+2::λ] after a branch at step k, always ending at 0."""
+    s = torch.linspace(1, 0, 11, dtype=torch.float64)
+
+    def tail(k, lam):
+        return [round(v, 6) for v in coarse_tail(s, k, lam).tolist()]
+
+    assert tail(0, 1) == [round(v, 6) for v in s[1:].tolist()]
+    assert tail(0, 2) == [0.9, 0.8, 0.6, 0.4, 0.2, 0.0]
+    assert tail(0, 3) == [0.9, 0.8, 0.5, 0.2, 0.0]  # 0 is not on the λ grid: kept as the last sigma
+    assert tail(2, 3) == [0.7, 0.6, 0.3, 0.0]
+    assert tail(8, 3) == [0.1, 0.0]
+    assert tail(9, 2) == [0.0]  # a branch at the last step is already finished
+    for bad in (-1, 10, 1.0, True):
+        with pytest.raises(ValueError, match="branch_step"):
+            coarse_tail(s, bad, 2)
+    with pytest.raises(ValueError, match="granularity"):
+        coarse_tail(s, 0, 0)
 
 
 @pytest.mark.parametrize("kind", ["flow_grpo", "cps"])

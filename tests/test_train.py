@@ -10,9 +10,9 @@ from flowgrpo.config import ConfigError, TrainConfig, make_config
 from flowgrpo.core import compute_advantages
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.prompts.shapes import load_split
-from flowgrpo.samplers.rollout import group_noise
+from flowgrpo.samplers.rollout import coarse_tail, group_noise
 from flowgrpo.shapes.model import TransformerSpec, build_pipeline
-from flowgrpo.train import sde_mask_for, train
+from flowgrpo.train import granular_advantages, sde_mask_for, train
 from flowgrpo.update import grpo_update, train_step_indices
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares"]
@@ -54,6 +54,29 @@ def test_importance_ratio_is_one_on_the_first_inner_step(tiny_model, guidance):
             assert (ratio - 1).abs().max() < 1e-5
 
 
+def test_bf16_autocast_keeps_ratio_one_and_evaluation_fp32(tiny_model):
+    """bf16 rollouts and updates: the recomputed log-probs still equal the sampled ones (same kernels, same
+    batch composition); the velocity really is computed in bf16; `precision(None)` gives back the fp32 result."""
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+    x, sigma = torch.randn(4, *policy.latent_shape(), generator=torch.Generator().manual_seed(1)), torch.full((4,), 0.6)
+    cond = policy.cond(PROMPTS * 2)
+    v32 = policy.velocity(x, sigma, cond, 4.5)
+    policy.autocast = torch.bfloat16
+    v16 = policy.velocity(x, sigma, cond, 4.5)
+    assert 1e-4 < (v16 - v32).abs().max() < 0.1 * v32.abs().max()
+    with policy.precision(None):
+        assert torch.equal(policy.velocity(x, sigma, cond, 4.5), v32)
+    assert policy.autocast is torch.bfloat16
+    ro = _rollout(policy, torch.Generator().manual_seed(0))
+    for start in (0, 4):
+        rows = slice(start, start + 4)
+        for j in range(4):
+            logp, _, _ = policy.step_log_prob(ro, rows, j, 4.5)
+            assert (torch.exp(logp - ro.log_probs[rows, j]) - 1).abs().max() < 1e-5
+    with pytest.raises(ConfigError, match="precision 'fp16'"):
+        TrainConfig(precision="fp16")
+
+
 def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model):
     """G²RPO singular sampling: per-row SDE steps; the recomputed log-prob of each row's branch step matches."""
     policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
@@ -75,6 +98,58 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model):
         assert (ratio - 1).abs().max() < 1e-5
     with pytest.raises(ConfigError, match="needs shared_noise"):
         TrainConfig(strategy="g2rpo", shared_noise=False)
+
+
+def _g2rpo_rollout(policy, cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    gids = torch.arange(2).repeat_interleave(4)
+    x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
+    return policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, gids, x, sigmas=policy.sigmas(cfg.num_steps),
+                          sde_mask=sde_mask_for(cfg, gids, g), guidance=4.5, kind="flow_grpo", noise_level=0.7,
+                          generator=g)
+
+
+def test_multi_granularity_finishes_each_branch_on_the_coarse_schedule(tiny_model):
+    """Granularity 1 reproduces the sampled images; granularity 2 equals Euler steps taken by hand from the
+    branch's x_{k+1} over σ[k+1], σ[k+2], σ[k+4], …, 0."""
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+    cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=6,
+                      strategy="g2rpo", sde_steps=3, granularities=2)
+    ro = _g2rpo_rollout(policy, cfg, seed=5)
+    assert torch.allclose(policy.finish_coarse(ro, 1, 4.5), ro.images, atol=1e-5)
+    coarse = policy.finish_coarse(ro, 2, 4.5)
+    assert (coarse - ro.images).abs().max() > 1e-3
+    for row in (0, 4):
+        k = int(ro.sde_mask[row].float().argmax())
+        grid = coarse_tail(ro.sigmas, k, 2)  # hand-checked in test_coarse_tail_hand_computed
+        x = ro.latents[row : row + 1, k + 1]
+        for a, b in zip(grid[:-1], grid[1:]):
+            x = x + (b - a) * policy.velocity(x, a.expand(1), policy.cond([ro.prompts[row]]), 4.5)
+        assert torch.allclose(policy.decode(x)[0], coarse[row], atol=1e-5)
+    with pytest.raises(ValueError, match="one SDE"):
+        policy.finish_coarse(_rollout(policy, torch.Generator().manual_seed(0)), 2, 4.5)
+
+
+def test_multi_granularity_advantages_sum_each_granularity(tiny_model):
+    """granular_advantages = the advantages of the sampled images + those of the coarse-finished ones."""
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+    cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=6,
+                      strategy="g2rpo", sde_steps=3, granularities=2)
+    ro = _g2rpo_rollout(policy, cfg, seed=6)
+
+    def reward_fn(images, prompts, metadata):  # any image statistic will do
+        return images.mean(dim=(1, 2, 3))
+
+    adv = granular_advantages(cfg, policy, ro, reward_fn(ro.images, None, None), reward_fn, None, None)
+    a1 = compute_advantages("grpo", reward_fn(ro.images, None, None), ro.group_ids, adv_clip=cfg.adv_clip)
+    a2 = compute_advantages("grpo", reward_fn(policy.finish_coarse(ro, 2, 4.5), None, None), ro.group_ids,
+                            adv_clip=cfg.adv_clip)
+    assert torch.allclose(adv.advantages, a1.advantages + a2.advantages, atol=1e-6)
+    assert "reward_granularity2" in adv.stats
+    with pytest.raises(ConfigError, match="needs strategy g2rpo"):
+        TrainConfig(strategy="flow_grpo", granularities=2)
+    with pytest.raises(ConfigError, match="per-prompt statistics"):
+        TrainConfig(advantage="spo", granularities=3)
 
 
 class RecordingAdamW(torch.optim.AdamW):
@@ -149,6 +224,21 @@ def test_resume_continues_exactly(tiny_model, tmp_path, eval_file):
     ema = load_file(tmp_path / "a" / "checkpoint" / "ema.safetensors")
     exported = FlowPolicy.from_pretrained(tmp_path / "a" / "final").transformer
     assert all(torch.equal(p, ema[n]) for n, p in exported.named_parameters())  # the export is the average
+
+
+def test_full_export_samples_like_the_policy(tiny_model, tmp_path):
+    """The exported pipeline carries the family options it was trained with (the Shapes model's T5 length of 1):
+    loaded back, it generates the same images; with the default options it would not."""
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4, family_options={"max_sequence_length": 1})
+    policy.save(tmp_path / "export")
+    again = FlowPolicy.from_pretrained(tmp_path / "export", micro_batch=4)
+    assert again.family.max_sequence_length == 1
+
+    def images(p):
+        return p.generate(PROMPTS, num_steps=2, guidance=4.5, generator=torch.Generator().manual_seed(0))
+
+    assert torch.equal(images(again), images(policy))
+    assert not torch.allclose(images(FlowPolicy.from_pretrained(tiny_model, micro_batch=4)), images(policy))
 
 
 def test_bad_checkpoints_are_refused_clearly(tiny_model, tmp_path, eval_file):

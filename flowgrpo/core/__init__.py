@@ -7,6 +7,7 @@ loss aggregation as one weight tensor per optimizer step, and the per-prompt sta
 from flowgrpo.core.advantages import (
     ADVANTAGES,
     PER_COLUMN_ESTIMATORS,
+    TRACKED_ESTIMATORS,
     AdvantageResult,
     compute_advantages,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ADVANTAGES",
     "AGGREGATIONS",
     "PER_COLUMN_ESTIMATORS",
+    "TRACKED_ESTIMATORS",
     "AdvantageResult",
     "PromptStatTracker",
     "PromptStats",

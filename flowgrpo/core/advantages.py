@@ -18,7 +18,7 @@ from flowgrpo.core.estimators import gdpo, grpo, mc_grpo, ngrpo, rloo, stratifie
 from flowgrpo.core.grouping import group_index
 from flowgrpo.core.tracked_estimators import bnpo, spo
 
-__all__ = ["ADVANTAGES", "PER_COLUMN_ESTIMATORS", "AdvantageResult", "compute_advantages"]
+__all__ = ["ADVANTAGES", "PER_COLUMN_ESTIMATORS", "TRACKED_ESTIMATORS", "AdvantageResult", "compute_advantages"]
 
 # name -> fn(rewards, group_ids, **opts) -> raw advantages[B] (NaN = zero loss weight).
 # ``winrate`` takes the samples' win rates as its rewards (see winrate_from_preferences).
@@ -37,6 +37,10 @@ ADVANTAGES: dict[str, Callable[..., Tensor]] = {
 # Estimators that receive the [B, K] reward matrix (and ``reward_weights``) instead of the
 # weighted sum of the columns.
 PER_COLUMN_ESTIMATORS = frozenset({"gdpo"})
+
+# Estimators that keep per-prompt state across iterations in a ``PromptStatTracker`` (``tracker``,
+# ``prompt_keys``); the trainer owns and checkpoints the tracker.
+TRACKED_ESTIMATORS = frozenset({"bnpo", "spo"})
 
 
 @dataclass(frozen=True)

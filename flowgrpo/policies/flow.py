@@ -4,7 +4,8 @@ Rollouts integrate the SDE/ODE samplers of `flowgrpo.samplers` with the pipeline
 training recomputes each step's log-prob from the stored (x_t, x_next) with the same batch
 composition (same micro-batch chunks, conditional and unconditional branches as separate calls),
 so the importance ratio is exactly 1 before the first update. The unconditional CFG branch never
-enters the backward graph. Prompt conditioning is cached: the text encoders are frozen.
+enters the backward graph. `autocast` runs the transformer in mixed precision (e.g. bf16) while the
+sampler's and the loss's maths stay fp32. Prompt conditioning is cached: the text encoders are frozen.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from flowgrpo.policies.families import Cond, Family, family_for
-from flowgrpo.samplers.rollout import sample_trajectory
+from flowgrpo.samplers.rollout import coarse_tail, sample_trajectory
 from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -73,13 +74,15 @@ def _rows(cond: Cond, rows: slice) -> Cond:
 
 class FlowPolicy:
     def __init__(self, pipe, family: Family, *, height: int, width: int, micro_batch: int,
-                 negative_prompt: str = ""):
+                 negative_prompt: str = "", family_options: dict | None = None):
         self.pipe, self.family = pipe, family
+        self.family_options = dict(family_options or {})  # what `family` was built with; exports carry them
         self.height, self.width, self.micro_batch = height, width, micro_batch
         self.negative_prompt = negative_prompt
         self._cache: dict[str, Cond] = {}
         self._negative: Cond | None = None
         self._reference = None
+        self.autocast: torch.dtype | None = None  # transformer compute dtype under torch.autocast; None = its own
         for module in (getattr(pipe, n, None) for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")):
             if module is not None:
                 module.requires_grad_(False).eval()
@@ -95,11 +98,13 @@ class FlowPolicy:
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **empty_components(path))
-        family = family_for(pipe, **{**model_family_options(path), **(family_options or {})})
+        family_options = {**model_family_options(path), **(family_options or {})}
+        family = family_for(pipe, **family_options)
         # FluxPipeline has no transformer sample_size; SD3 and Sana pipelines derive their default from it.
         latent_size = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
         size = latent_size * pipe.vae_scale_factor
-        return cls(pipe, family, height=height or size, width=width or size, micro_batch=micro_batch, **kw)
+        return cls(pipe, family, height=height or size, width=width or size, micro_batch=micro_batch,
+                   family_options=family_options, **kw)
 
     @property
     def transformer(self):
@@ -174,17 +179,32 @@ class FlowPolicy:
         return self.family.latent_shape(self.pipe, self.height, self.width)
 
     # -------------------------------------------------------------- velocity
+    @contextlib.contextmanager
+    def precision(self, dtype: torch.dtype | None):
+        """Inside the block the transformer runs under autocast to `dtype` (None = in its own dtype)."""
+        saved, self.autocast = self.autocast, dtype
+        try:
+            yield
+        finally:
+            self.autocast = saved
+
+    def _forward(self, tr, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        if self.autocast is None:
+            return self.family.velocity(tr, x, sigma, cond).float()
+        with torch.autocast(tr.device.type, dtype=self.autocast):
+            return self.family.velocity(tr, x, sigma, cond).float()
+
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, guidance: float, *, transformer=None,
                  grad: bool = False) -> Tensor:
         """CFG velocity for one micro-batch; only the conditional branch may carry gradients."""
         tr = transformer if transformer is not None else self.transformer
         with torch.set_grad_enabled(grad):
-            v_c = self.family.velocity(tr, x, sigma, cond).float()
+            v_c = self._forward(tr, x, sigma, cond)
         if guidance == 1.0:
             return v_c
         with torch.no_grad():
             neg = self.negative_cond(x.shape[0])
-            v_u = self.family.velocity(tr, x, sigma, neg).float()
+            v_u = self._forward(tr, x, sigma, neg)
         return v_u + guidance * (v_c - v_u)
 
     def _chunked_velocity(self, cond: Cond, guidance: float):
@@ -206,6 +226,25 @@ class FlowPolicy:
                                  kind=kind, noise_level=noise_level, generator=generator)
         return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
                        kind, noise_level, self.decode(traj.latents[:, -1]))
+
+    @torch.no_grad()
+    def finish_coarse(self, ro: Rollout, granularity: int, guidance: float) -> Tensor:
+        """G²RPO multi-granularity: images of every row's branch (its one SDE step) finished by ODE on the
+        `coarse_tail` schedule of this granularity, [B, 3, H, W]."""
+        mask = ro.sde_mask.expand(len(ro), ro.sde_mask.shape[-1])
+        if not bool((mask.sum(dim=1) == 1).all()):
+            raise ValueError("multi-granularity finishing needs exactly one SDE (branch) step per row")
+        branch = mask.float().argmax(dim=1)
+        images = torch.empty_like(ro.images)
+        for k in branch.unique().tolist():
+            rows = torch.nonzero(branch == k).flatten()
+            tail, x = coarse_tail(ro.sigmas, k, granularity), ro.latents[rows, k + 1]
+            if len(tail) > 1:
+                velocity = self._chunked_velocity(self.cond([ro.prompts[i] for i in rows]), guidance)
+                x = sample_trajectory(velocity, x, tail, sde_mask=torch.zeros(len(tail) - 1, dtype=torch.bool),
+                                      generator=None).latents[:, -1]
+            images[rows] = self.decode(x)
+        return images
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -237,7 +276,8 @@ class FlowPolicy:
 
     # ---------------------------------------------------------------- export
     def save(self, path: str | Path) -> Path:
-        """Full fine-tuning: a complete pipeline directory (`from_pretrained` loads it).
+        """Full fine-tuning: a complete pipeline directory (`from_pretrained` loads it), with the family options
+        (e.g. the Shapes model's T5 length) in flowgrpo.json so it samples as this policy does.
         LoRA: diffusers LoRA weights that `pipe.load_lora_weights(path)` reads."""
         path = Path(path)
         if self.uses_lora:
@@ -246,4 +286,6 @@ class FlowPolicy:
             type(self.pipe).save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(self.transformer))
         else:
             self.pipe.save_pretrained(path, safe_serialization=True)
+            if self.family_options:
+                (path / MODEL_OPTIONS_FILE).write_text(json.dumps({"family_options": self.family_options}))
         return path
