@@ -25,7 +25,7 @@ from flowgrpo.core import PromptStatTracker
 from flowgrpo.prompts.loaders import load_prompts
 from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.samplers.rollout import group_noise
-from flowgrpo.train import load_policy, rollout_advantages, sample_groups, sde_mask_for
+from flowgrpo.train import granular_advantages, load_policy, sample_groups, sde_mask_for
 from flowgrpo.update import grpo_update, train_step_indices
 
 
@@ -45,7 +45,7 @@ def time_iterations(cfg, entries, reward_fn, judge, iterations: int) -> dict[str
                             noise_level=cfg.noise_level, generator=g)
         t1 = time.perf_counter()
         rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
-        adv = rollout_advantages(cfg, ro, rewards, judge, PromptStatTracker())
+        adv = granular_advantages(cfg, policy, ro, rewards, reward_fn, judge, PromptStatTracker())
         t2 = time.perf_counter()
         grpo_update(policy, optimizer, params, ro, adv, train_step_indices(ro, cfg, g), cfg)
         t3 = time.perf_counter()
