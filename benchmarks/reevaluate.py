@@ -6,7 +6,7 @@ trained models from different runs compare with each other and with the base mod
         --out benchmarks/results/reeval.md
 
 Each NAME=DIR is a diffusers pipeline directory (a run's `final/` export). Writes a markdown table (overall and
-per-tag accuracy with standard errors, quality guards) and the same figures as JSON beside it.
+per-tag accuracy with standard errors, quality guards, which requirements failed) and the same figures as JSON beside it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flowgrpo.eval.geneval import evaluate, markdown_table
+from flowgrpo.eval.geneval import evaluate, failure_table, markdown_table
 from flowgrpo.prompts.loaders import load_prompts
 from flowgrpo.sample import load_policy_for_sampling
 
@@ -41,7 +41,8 @@ def main() -> None:
                                  guidance=args.guidance, seed=args.seed, batch=args.batch).summary()
         print(markdown_table({name: results[name]}).splitlines()[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown_table(results) + "\n")
+    args.out.write_text(markdown_table(results) + "\n\nFailed requirements (% of images):\n\n"
+                        + failure_table(results) + "\n")
     protocol = {k: v for k, v in vars(args).items() if k not in ("models", "out")}
     args.out.with_suffix(".json").write_text(json.dumps({"protocol": protocol, "models": dict(pairs),
                                                          "results": results}, indent=1))

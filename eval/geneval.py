@@ -27,6 +27,8 @@ class GenevalResult:
     empty: float  # fraction of images with no object
     background_noise: float  # mean, 0-255 scale
     diversity: float  # mean pixel distance between images of the same prompt (0-255); a collapse lowers it
+    # per tag: fraction of images failing each requirement kind (presence, count, color, position, quality)
+    failures: dict[str, dict[str, float]]
     images: list[np.ndarray]
     entries: list[dict]
     passed: list[bool]
@@ -34,7 +36,7 @@ class GenevalResult:
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "stderr": self.stderr, "n_images": self.n_images,
                 "malformed": self.malformed, "empty": self.empty, "background_noise": self.background_noise,
-                "diversity": self.diversity}
+                "diversity": self.diversity, "failures": self.failures}
 
 
 def check_shapes_metadata(entries: list[dict]) -> None:
@@ -60,12 +62,15 @@ def prompt_diversity(images: list[np.ndarray], entries: list[dict]) -> float:
 def score_images(images: list[np.ndarray], entries: list[dict]) -> GenevalResult:
     """Verify images against their entries; overall = mean of per-tag accuracies (GenEval)."""
     passed, per_tag = [], defaultdict(list)
+    failed: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     malformed = empty = 0
     noise = []
     for img, e in zip(images, entries):
         v = verify(img, e)
         passed.append(v.passed)
         per_tag[e["tag"]].append(v.passed)
+        for kind in {r.kind for r in v.requirements if not r.ok}:
+            failed[e["tag"]][kind] += 1
         malformed += v.malformed > 0
         empty += not v.detections
         noise.append(background_noise(img))
@@ -74,9 +79,10 @@ def score_images(images: list[np.ndarray], entries: list[dict]) -> GenevalResult
     acc["overall"] = float(np.mean([acc[t] for t in per_tag]))
     # Tags are independent samples, so the overall's variance is the mean of their variances / n_tags.
     se["overall"] = float(math.sqrt(sum(s**2 for t, s in se.items() if t != "overall")) / len(per_tag))
+    failures = {t: {k: n / len(per_tag[t]) for k, n in sorted(kinds.items())} for t, kinds in failed.items()}
     return GenevalResult(acc, se, {t: len(p) for t, p in per_tag.items()}, malformed / len(images),
-                         empty / len(images), float(np.mean(noise)), prompt_diversity(images, entries), images,
-                         entries, passed)
+                         empty / len(images), float(np.mean(noise)), prompt_diversity(images, entries), failures,
+                         images, entries, passed)
 
 
 @torch.no_grad()
@@ -108,12 +114,26 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def failure_table(results: dict[str, dict]) -> str:
+    """Why images fail: per model and tag, the percentage of images failing each requirement kind (an image
+    can fail several). "quality" = a malformed object; "presence" = a required object not found."""
+    kinds = ["presence", "count", "color", "position", "quality"]
+    lines = ["| model | tag | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 2)]
+    for name, r in results.items():
+        for tag in (t for t in W.TAGS if t in r["accuracy"]):
+            fails = r.get("failures", {}).get(tag, {})
+            lines.append(f"| {name} | {tag} | " + " | ".join(f"{100 * fails.get(k, 0.0):.0f}%" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
 def write_report(result: GenevalResult, out: str | Path, *, name: str = "model", grid_per_tag: int = 8) -> Path:
     """results.json, report.md and grid.png (rows = tags, green/red borders = pass/fail)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.summary(), indent=1))
-    (out / "report.md").write_text(markdown_table({name: result.summary()}) + "\n")
+    summary = {name: result.summary()}
+    (out / "report.md").write_text(markdown_table(summary) + "\n\nFailed requirements (% of images):\n\n"
+                                   + failure_table(summary) + "\n")
     picks = []
     for tag in W.TAGS:
         picks += [i for i, e in enumerate(result.entries) if e["tag"] == tag][:grid_per_tag]

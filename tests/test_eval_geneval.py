@@ -23,9 +23,14 @@ def test_score_images_per_tag_and_overall(tmp_path):
     p = (n_col - 1) / n_col
     assert abs(r.stderr["colors"] - np.sqrt(p * (1 - p) / n_col)) < 1e-12 and r.stderr["counting"] == 0.0
     assert r.empty == 1 / len(entries) and r.malformed == 0.0
+    # the blank image misses its object and therefore its colour; counting never fails
+    assert r.failures == {"colors": {"color": 1 / n_col, "presence": 1 / n_col}}
     out = write_report(r, tmp_path, name="gt")
     assert json.loads((out / "results.json").read_text())["accuracy"]["counting"] == 1.0
     assert (out / "grid.png").is_file() and "| gt |" in markdown_table({"gt": r.summary()})
+    report = (out / "report.md").read_text()
+    assert f"| gt | colors | {100 / n_col:.0f}% | 0% | {100 / n_col:.0f}% | 0% | 0% |" in report
+    assert "| gt | counting | 0% | 0% | 0% | 0% | 0% |" in report
 
 
 def test_prompt_diversity_is_the_mean_pixel_distance_within_each_prompt():
