@@ -5,8 +5,9 @@ trained models from different runs compare with each other and with the base mod
         seed0=runs/shapes-grpo/final seed1=runs/shapes-grpo-seed1/final --n 4 --seed 1234 \
         --out benchmarks/results/reeval.md
 
-Each NAME=DIR is a diffusers pipeline directory (a run's `final/` export). Writes a markdown table (overall and
-per-tag accuracy with standard errors, quality guards, which requirements failed) and the same figures as JSON beside it.
+Each NAME=DIR is a diffusers pipeline directory (a run's `final/` export). Writes markdown tables (overall and
+per-tag accuracy with standard errors, quality guards; which requirements failed) and the same figures as JSON
+beside them.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flowgrpo.eval.geneval import evaluate, failure_table, markdown_table
+from flowgrpo.eval.geneval import evaluate, markdown_table, report_markdown
 from flowgrpo.prompts.loaders import load_prompts
 from flowgrpo.sample import load_policy_for_sampling
 
@@ -41,8 +42,7 @@ def main() -> None:
                                  guidance=args.guidance, seed=args.seed, batch=args.batch).summary()
         print(markdown_table({name: results[name]}).splitlines()[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown_table(results) + "\n\nFailed requirements (% of images):\n\n"
-                        + failure_table(results) + "\n")
+    args.out.write_text(report_markdown(results))
     protocol = {k: v for k, v in vars(args).items() if k not in ("models", "out")}
     args.out.with_suffix(".json").write_text(json.dumps({"protocol": protocol, "models": dict(pairs),
                                                          "results": results}, indent=1))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from flowgrpo.eval.grid import FAIL, PASS, image_grid
 from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.shapes import world as W
-from flowgrpo.shapes.verify import background_noise, verify
+from flowgrpo.shapes.verify import REQUIREMENT_KINDS, background_noise, verify
 
 
 @dataclass
@@ -117,13 +117,18 @@ def markdown_table(results: dict[str, dict]) -> str:
 def failure_table(results: dict[str, dict]) -> str:
     """Why images fail: per model and tag, the percentage of images failing each requirement kind (an image
     can fail several). "quality" = a malformed object; "presence" = a required object not found."""
-    kinds = ["presence", "count", "color", "position", "quality"]
-    lines = ["| model | tag | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 2)]
+    lines = ["| model | tag | " + " | ".join(REQUIREMENT_KINDS) + " |", "|" + "---|" * (len(REQUIREMENT_KINDS) + 2)]
     for name, r in results.items():
         for tag in (t for t in W.TAGS if t in r["accuracy"]):
-            fails = r.get("failures", {}).get(tag, {})
-            lines.append(f"| {name} | {tag} | " + " | ".join(f"{100 * fails.get(k, 0.0):.0f}%" for k in kinds) + " |")
+            fails = r["failures"].get(tag, {})  # a tag without failures has no entry
+            cells = [f"{100 * fails.get(k, 0.0):.0f}%" for k in REQUIREMENT_KINDS]
+            lines.append(f"| {name} | {tag} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def report_markdown(results: dict[str, dict]) -> str:
+    """The accuracy table, then the failed-requirements table, of `GenevalResult.summary()`s."""
+    return markdown_table(results) + "\n\nFailed requirements (% of images):\n\n" + failure_table(results) + "\n"
 
 
 def write_report(result: GenevalResult, out: str | Path, *, name: str = "model", grid_per_tag: int = 8) -> Path:
@@ -131,9 +136,7 @@ def write_report(result: GenevalResult, out: str | Path, *, name: str = "model",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.summary(), indent=1))
-    summary = {name: result.summary()}
-    (out / "report.md").write_text(markdown_table(summary) + "\n\nFailed requirements (% of images):\n\n"
-                                   + failure_table(summary) + "\n")
+    (out / "report.md").write_text(report_markdown({name: result.summary()}))
     picks = []
     for tag in W.TAGS:
         picks += [i for i, e in enumerate(result.entries) if e["tag"] == tag][:grid_per_tag]

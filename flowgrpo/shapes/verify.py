@@ -22,6 +22,7 @@ MAX_ASPECT = 1.6
 MIN_IOU = 0.72  # IoU with the best-fitting ideal template
 MAX_COLOR_DIST = 90.0  # interior median farther than this from every palette colour -> no colour
 POSITION_THRESHOLD = 0.1  # GenEval's relative-position margin
+REQUIREMENT_KINDS = ("presence", "count", "color", "position", "quality")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Detection:
 
 @dataclass(frozen=True)
 class Requirement:
-    kind: str  # presence | count | color | position | quality
+    kind: str  # one of REQUIREMENT_KINDS
     text: str
     ok: bool
     item: int  # index into meta["include"] (-1 for exclusions and quality)
