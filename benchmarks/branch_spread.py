@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,17 @@ from flowgrpo.config import make_config
 from flowgrpo.prompts.loaders import load_prompts
 from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.samplers.rollout import group_noise
+from flowgrpo.samplers.steps import SDE_STEPS
 from flowgrpo.shapes.verify import verify
 from flowgrpo.train import load_policy, sample_groups
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def verdicts(policy, entries, group_ids, x_init, sigmas, mask, kind, noise_level, seed, guidance):
@@ -62,8 +72,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True, help="markdown table; the JSON goes beside it")
     args = ap.parse_args()
+    settings = [s.split(":") for s in args.settings]
+    if any(len(s) != 2 or s[0] not in SDE_STEPS or not _is_float(s[1]) for s in settings):
+        ap.error(f"settings must be KIND:NOISE with KIND in {sorted(SDE_STEPS)}, got {args.settings}")
+    # the rollout runs in micro-batches, which must divide the batch
+    micro_batch = math.gcd(args.prompts * args.group_size, make_config("shapes").micro_batch)
     cfg = make_config("shapes", overrides={"prompts_per_iter": args.prompts, "group_size": args.group_size,
-                                           "beta": 0.0})
+                                           "micro_batch": micro_batch, "beta": 0.0})
+    if any(not 0 <= k < cfg.num_steps for k in args.steps):
+        ap.error(f"branch steps must lie in [0, {cfg.num_steps}) (the preset's schedule), got {args.steps}")
     policy = load_policy(cfg)
     entries, group_ids = sample_groups(load_prompts(cfg.prompts), cfg, np.random.default_rng(args.seed), 0)
     sigmas = policy.sigmas(cfg.num_steps)
@@ -77,12 +94,11 @@ def main() -> None:
     lines = ["| setting | branch step k | sigma_k | score | pass | malformed | groups with pass spread | "
              "within-group pass variance |", "|---|---|---|---|---|---|---|---|"]
     lines.append(fmt("ODE (no branch)", "–", "–", results["ode"]))
-    for setting in args.settings:
-        kind, level = setting.split(":")
+    for kind, level in settings:
         for k in args.steps:
             mask = torch.zeros(cfg.num_steps, dtype=torch.bool)
             mask[k] = True
-            r = results[f"{setting}@{k}"] = run(mask, kind, float(level))
+            r = results[f"{kind}:{level}@{k}"] = run(mask, kind, float(level))
             lines.append(fmt(f"{kind} {level}", k, f"{float(sigmas[k]):.3f}", r))
             print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
