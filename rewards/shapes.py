@@ -14,16 +14,32 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     return list(x.permute(0, 2, 3, 1).cpu().numpy())
 
 
+def form(dets) -> float:
+    """How well the drawn objects fit ideal shapes: mean template IoU of the detected components, a malformed one
+    (merged, stretched, ragged) counting 0; 0 if there are none.
+
+    Unlike pass/fail checks it varies between images whose layout is already fixed, so late denoising steps,
+    where shapes take form, get a ranking inside a group.
+    """
+    return float(np.mean([d.iou if d.shape else 0.0 for d in dets])) if dets else 0.0
+
+
 class ShapesReward(Reward):
-    """`partial`: fraction of the entry's requirements met (dense); `strict`: 1 if all are met (GenEval accuracy)."""
+    """`partial`: fraction of the entry's requirements met (dense); `strict`: 1 if all are met (GenEval accuracy).
+
+    `form_weight` > 0 adds that weight times `form` (the objects' mean template IoU) to either score.
+    """
 
     name = "shapes"
 
-    def __init__(self, mode: str = "partial") -> None:
+    def __init__(self, mode: str = "partial", form_weight: float = 0.0) -> None:
         super().__init__()
         if mode not in ("partial", "strict"):
             raise ValueError(f"ShapesReward mode must be 'partial' or 'strict', got {mode!r}")
+        if not 0 <= form_weight <= 1:
+            raise ValueError(f"ShapesReward form_weight must be in [0, 1], got {form_weight}")
         self.mode = mode
+        self.form_weight = form_weight
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         out = []
@@ -31,12 +47,13 @@ class ShapesReward(Reward):
             if "include" not in meta:
                 raise ValueError(f"the shapes reward needs GenEval metadata ('include') for prompt {meta.get('prompt')!r}")
             v = verify(img, meta)
-            out.append(v.score if self.mode == "partial" else float(v.passed))
+            base = v.score if self.mode == "partial" else float(v.passed)
+            out.append(base + self.form_weight * form(v.detections) if self.form_weight else base)
         return torch.tensor(out)
 
 
-def shapes_judge(temperature: float = 0.1, mode: str = "partial"):
+def shapes_judge(temperature: float = 0.1, mode: str = "partial", form_weight: float = 0.0):
     """Pairwise Shapes comparator for Pref-GRPO: Bradley-Terry over the verifier's score."""
     from flowgrpo.rewards.pairwise import PointwiseAsPairwise
 
-    return PointwiseAsPairwise(ShapesReward(mode), temperature)
+    return PointwiseAsPairwise(ShapesReward(mode, form_weight), temperature)

@@ -4,8 +4,10 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from flowgrpo.prompts.shapes import all_prompts, canonical_key, load_split
+from flowgrpo.rewards import build_reward
 from flowgrpo.shapes import world as W
 from flowgrpo.shapes.render import render, shape_mask
 from flowgrpo.shapes.verify import background_noise, detect, relative_position, verify
@@ -92,6 +94,23 @@ def test_malformed_blob_and_merged_shapes_fail_the_image():
     merged[shape_mask("square", 10, 10)] = W.COLORS["red"]
     merged[shape_mask("square", 19, 10)] = W.COLORS["red"]  # touching: one 19-px-wide component
     assert [d.shape for d in detect(merged)] == [None]
+
+
+def test_form_term_ranks_how_well_objects_fit_their_shapes():
+    square = {"tag": "single_object", "prompt": "a photo of a square", "include": [{"class": "square", "count": 1}]}
+    clean, bar, empty, both = _canvas(), _canvas(), _canvas(), _canvas()
+    clean[4:13, 4:13] = W.COLORS["red"]  # fills its box: IoU 1 with the square template
+    bar[6:10, 4:26] = W.COLORS["green"]  # malformed (aspect): counts 0 whatever its IoU
+    both[4:13, 4:13] = W.COLORS["red"]
+    both[20:24, 4:26] = W.COLORS["green"]
+    images = torch.from_numpy(np.stack([clean, bar, empty, both])).permute(0, 3, 1, 2).float() / 255
+    args = (images, [square["prompt"]] * 4, [square] * 4)
+    # partial score (presence, quality) + 0.5 x mean IoU with malformed objects at 0
+    assert build_reward("shapes", form_weight=0.5)(*args).tolist() == pytest.approx([1.5, 0.0, 0.5, 0.5 + 0.25])
+    assert build_reward("shapes")(*args).tolist() == pytest.approx([1.0, 0.0, 0.5, 0.5])
+    assert build_reward("shapes", mode="strict", form_weight=0.5)(*args).tolist() == pytest.approx([1.5, 0, 0, 0.25])
+    with pytest.raises(ValueError, match="form_weight must be in"):
+        build_reward("shapes", form_weight=2.0)
 
 
 def test_counting_is_exact_and_colours_are_checked():
