@@ -59,6 +59,7 @@ class TrainConfig:
     noise_level: float = 1.2
     sde_kind: str = "flow_grpo"
     shared_noise: bool = True
+    antithetic: bool = False  # members 2j and 2j+1 of a group take opposite SDE noise (variance reduction)
     # GRPO update
     advantage: str = "grpo"
     advantage_options: dict = field(default_factory=dict)
@@ -112,6 +113,8 @@ class TrainConfig:
             raise ConfigError(f"train_steps={self.train_steps} must be in [0, num_steps={self.num_steps}]")
         if self.group_size < 2:
             raise ConfigError(f"group_size={self.group_size}: GRPO needs at least 2 samples per prompt")
+        if self.antithetic and self.group_size % 2:
+            raise ConfigError(f"antithetic noise pairs the members of a group: group_size={self.group_size} must be even")
         if self.batch_size % self.micro_batch:
             raise ConfigError(f"samples per iteration = prompts_per_iter x group_size = {self.prompts_per_iter} x "
                               f"{self.group_size} = {self.batch_size} is not a multiple of micro_batch={self.micro_batch}")

@@ -72,6 +72,7 @@ def sample_trajectory(
     kind: str = "flow_grpo",
     noise_level: float = 0.7,
     generator: torch.Generator | None,
+    antithetic: bool = False,
 ) -> Trajectory:
     """Integrate from ``x_init`` (at ``sigmas[0]``) to ``sigmas[-1] = 0``, stochastic where ``sde_mask``.
 
@@ -84,6 +85,10 @@ def sample_trajectory(
             False steps the Euler ODE step.
         kind, noise_level: the SDE step (see ``SDE_STEPS``).
         generator: the only randomness; may be None only when no step is stochastic.
+        antithetic: rows 2j and 2j+1 take opposite noise (ε, −ε) at every SDE step. Each row is still an
+            exact sample of the step's Gaussian, but a pair that shares its state (a G²RPO branch, or shared
+            initial noise) then differs only through the direction of its noise, which cancels from the policy
+            gradient what the two members have in common. Needs an even batch.
 
     Raises ValueError if a requested SDE step is deterministic (std 0: noise level 0, or CPS's step to
     sigma 0); leave such steps out of ``sde_mask``.
@@ -102,6 +107,8 @@ def sample_trajectory(
     stochastic = rows_sde.any(dim=0).tolist()
     if any(stochastic) and generator is None:
         raise ValueError("a generator is required when sde_mask has stochastic steps")
+    if antithetic and batch % 2:
+        raise ValueError(f"antithetic noise pairs rows 2j and 2j+1: the batch must be even, got {batch}")
 
     sigmas_cpu = sigmas.detach().cpu()
     sigma_max = float(sigmas_cpu[1])
@@ -122,9 +129,13 @@ def sample_trajectory(
         sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
         v = velocity_fn(x, sigma.expand(batch))
         if is_sde:  # noise is drawn for every row, so a row's draw does not depend on the other rows' masks
-            x_sde, mean, std = sde_step(
-                kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max, generator=generator
-            )
+            noise = {"generator": generator}
+            if antithetic:  # drawn like sde_step draws it (in the step's compute dtype), then mirrored
+                eps = torch.randn(x.shape, generator=generator, dtype=torch.promote_types(x.dtype, torch.float32),
+                                  device=x.device)
+                eps[1::2] = -eps[0::2]
+                noise = {"noise": eps}
+            x_sde, mean, std = sde_step(kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max, **noise)
             here = rows_sde[:, i]
             if bool(here.all()):
                 x_next, log_prob = x_sde, gaussian_log_prob(x_sde, mean, std)

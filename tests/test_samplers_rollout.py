@@ -271,3 +271,28 @@ def test_a_full_per_row_mask_equals_the_shared_mask():
     a = _run("flow_grpo", 9, mask=mask)
     b = _run("flow_grpo", 9, mask=mask.expand(4, N_STEPS).clone())
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_antithetic_pairs_mirror_their_noise_about_the_shared_mean(kind):
+    # Two groups of two branching from shared noise at step 2: each pair is mean ± std·ε with one ε.
+    x0 = _x_init()[:2].repeat_interleave(2, dim=0)
+    mask = torch.zeros(N_STEPS, dtype=torch.bool)
+    mask[2] = True
+    traj = sample_trajectory(_velocity, x0, flow_sigmas(SD3, N_STEPS), sde_mask=mask, kind=kind,
+                             noise_level=0.7 if kind != "dance" else 0.3, generator=torch.Generator().manual_seed(4),
+                             antithetic=True)
+    x, s = traj.latents[:, 2], traj.sigmas
+    mean, std = SDE_STEPS[kind](x, _velocity(x, s[2].expand(4)), s[2], s[3], traj.noise_level, sigma_max=traj.sigma_max)
+    eps = (traj.latents[:, 3] - mean) / std
+    torch.testing.assert_close(eps[1::2], -eps[0::2], rtol=0, atol=1e-5)
+    # the even rows' noise is the generator's ordinary draw: each member is still an exact sample of the step
+    torch.testing.assert_close(eps[0::2], torch.randn(x.shape, generator=torch.Generator().manual_seed(4))[0::2],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(traj.log_probs[0::2, 2], traj.log_probs[1::2, 2], rtol=0, atol=1e-6)  # symmetric
+    lp = sde_log_prob(kind, x, _velocity(x, s[2].expand(4)), traj.latents[:, 3], s[2], s[3], traj.noise_level,
+                      sigma_max=traj.sigma_max)
+    torch.testing.assert_close(lp, traj.log_probs[:, 2], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="batch must be even"):
+        sample_trajectory(_velocity, x0[:3], flow_sigmas(SD3, N_STEPS), sde_mask=mask, kind=kind,
+                          generator=torch.Generator().manual_seed(4), antithetic=True)

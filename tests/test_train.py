@@ -77,18 +77,20 @@ def test_bf16_autocast_keeps_ratio_one_and_evaluation_fp32(tiny_model):
         TrainConfig(precision="fp16")
 
 
-def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model):
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antithetic):
     """G²RPO singular sampling: per-row SDE steps; the recomputed log-prob of each row's branch step matches."""
     policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
     cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=4,
-                      strategy="g2rpo", sde_steps=3)
+                      strategy="g2rpo", sde_steps=3, antithetic=antithetic)
     g = torch.Generator().manual_seed(4)
     gids = torch.arange(2).repeat_interleave(4)
     mask = sde_mask_for(cfg, gids, g)
     assert mask.shape == (8, 4) and (mask.sum(dim=1) == 1).all() and not mask[:, 3].any()
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
     ro = policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, gids, x, sigmas=policy.sigmas(4),
-                        sde_mask=mask, guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g)
+                        sde_mask=mask, guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g,
+                        antithetic=cfg.antithetic)
     steps = train_step_indices(ro, cfg, g)
     assert torch.equal(steps[:, 0], mask.float().argmax(dim=1))
     for start in (0, 4):
@@ -98,6 +100,8 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model):
         assert (ratio - 1).abs().max() < 1e-5
     with pytest.raises(ConfigError, match="needs shared_noise"):
         TrainConfig(strategy="g2rpo", shared_noise=False)
+    with pytest.raises(ConfigError, match="group_size=3 must be even"):
+        TrainConfig(prompts_per_iter=8, group_size=3, antithetic=True)
 
 
 def _g2rpo_rollout(policy, cfg, seed):

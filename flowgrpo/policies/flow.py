@@ -220,10 +220,10 @@ class FlowPolicy:
     @torch.no_grad()
     def rollout(self, prompts: list[str], metadata: list[dict], group_ids: Tensor, x_init: Tensor, *,
                 sigmas: Tensor, sde_mask: Tensor, guidance: float, kind: str, noise_level: float,
-                generator: torch.Generator) -> Rollout:
+                generator: torch.Generator, antithetic: bool = False) -> Rollout:
         cond = self.cond(prompts)
         traj = sample_trajectory(self._chunked_velocity(cond, guidance), x_init, sigmas, sde_mask=sde_mask,
-                                 kind=kind, noise_level=noise_level, generator=generator)
+                                 kind=kind, noise_level=noise_level, generator=generator, antithetic=antithetic)
         return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
                        kind, noise_level, self.decode(traj.latents[:, -1]))
 
