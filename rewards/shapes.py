@@ -48,7 +48,7 @@ class ShapesReward(Reward):
                 raise ValueError(f"the shapes reward needs GenEval metadata ('include') for prompt {meta.get('prompt')!r}")
             v = verify(img, meta)
             base = v.score if self.mode == "partial" else float(v.passed)
-            out.append(base + self.form_weight * form(v.detections) if self.form_weight else base)
+            out.append(base + self.form_weight * form(v.detections))
         return torch.tensor(out)
 
 

@@ -129,13 +129,8 @@ def sample_trajectory(
         sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
         v = velocity_fn(x, sigma.expand(batch))
         if is_sde:  # noise is drawn for every row, so a row's draw does not depend on the other rows' masks
-            noise = {"generator": generator}
-            if antithetic:  # drawn like sde_step draws it (in the step's compute dtype), then mirrored
-                eps = torch.randn(x.shape, generator=generator, dtype=torch.promote_types(x.dtype, torch.float32),
-                                  device=x.device)
-                eps[1::2] = -eps[0::2]
-                noise = {"noise": eps}
-            x_sde, mean, std = sde_step(kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max, **noise)
+            x_sde, mean, std = sde_step(kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max,
+                                        generator=generator, antithetic=antithetic)
             here = rows_sde[:, i]
             if bool(here.all()):
                 x_next, log_prob = x_sde, gaussian_log_prob(x_sde, mean, std)

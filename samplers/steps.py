@@ -149,17 +149,20 @@ def sde_step(
     sigma_max: float,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    antithetic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One SDE step ``x_next = mean + std * noise``; returns ``(x_next, mean, std)``.
 
     Give exactly one source of randomness: ``noise`` (x's shape) or ``generator`` (standard normal drawn
-    in the step's compute dtype on x's device).
+    in the step's compute dtype on x's device; with ``antithetic`` rows 2j+1 take the opposite of row 2j's draw).
     """
     mean, std = _mean_std_fn(kind)(x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max)
     if (noise is None) == (generator is None):
         raise ValueError("pass exactly one of generator= or noise=")
     if noise is None:
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        if antithetic:
+            noise[1::2] = -noise[0::2]
     elif noise.shape != mean.shape:
         raise ValueError(f"noise must have x's shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
     return mean + std * noise.to(mean.dtype), mean, std
