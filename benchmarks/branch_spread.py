@@ -10,6 +10,8 @@ one SDE step at k, finish by ODE, and verify the images. Reports per step:
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/branch_spread.py --settings flow_grpo:1.2 flow_grpo:0.7 \
         cps:0.8 --steps 0 1 2 3 4 5 6 --out benchmarks/results/branch_spread.md
+
+A setting KIND:NOISE:K restricts the branch noise to the K x K lowest DCT frequencies (``--noise-freqs K``).
 """
 from __future__ import annotations
 
@@ -38,11 +40,11 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def verdicts(policy, entries, group_ids, x_init, sigmas, mask, kind, noise_level, seed, guidance):
+def verdicts(policy, entries, group_ids, x_init, sigmas, mask, kind, noise_level, noise_freqs, seed, guidance):
     """[P, G] score, pass and malformed indicators of one batch of (branched or ODE) rollouts."""
     with torch.no_grad():
         ro = policy.rollout([e["prompt"] for e in entries], entries, group_ids, x_init, sigmas=sigmas, sde_mask=mask,
-                            guidance=guidance, kind=kind, noise_level=noise_level,
+                            guidance=guidance, kind=kind, noise_level=noise_level, noise_freqs=noise_freqs,
                             generator=torch.Generator().manual_seed(seed))
     vs = [verify(img, meta) for img, meta in zip(to_uint8(ro.images), entries)]
     shape = (int(group_ids.max()) + 1, -1)
@@ -65,16 +67,16 @@ def fmt(name: str, k, sigma, r: dict[str, float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", nargs="+", default=["flow_grpo:1.2", "flow_grpo:0.7"], metavar="KIND:NOISE")
+    ap.add_argument("--settings", nargs="+", default=["flow_grpo:1.2", "flow_grpo:0.7"], metavar="KIND:NOISE[:FREQS]")
     ap.add_argument("--steps", nargs="+", type=int, default=list(range(7)), help="branch steps k to measure")
     ap.add_argument("--prompts", type=int, default=48, help="groups (tag-balanced training prompts)")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True, help="markdown table; the JSON goes beside it")
     args = ap.parse_args()
-    settings = [s.split(":") for s in args.settings]
-    if any(len(s) != 2 or s[0] not in SDE_STEPS or not _is_float(s[1]) for s in settings):
-        ap.error(f"settings must be KIND:NOISE with KIND in {sorted(SDE_STEPS)}, got {args.settings}")
+    settings = [(s.split(":") + ["0"])[:3] if s.count(":") == 1 else s.split(":") for s in args.settings]
+    if any(len(s) != 3 or s[0] not in SDE_STEPS or not _is_float(s[1]) or not s[2].isdigit() for s in settings):
+        ap.error(f"settings must be KIND:NOISE[:FREQS] with KIND in {sorted(SDE_STEPS)}, got {args.settings}")
     # the rollout runs in micro-batches, which must divide the batch
     micro_batch = math.gcd(args.prompts * args.group_size, make_config("shapes").micro_batch)
     cfg = make_config("shapes", overrides={"prompts_per_iter": args.prompts, "group_size": args.group_size,
@@ -87,19 +89,21 @@ def main() -> None:
     x_init = group_noise(args.prompts, args.group_size, policy.latent_shape(),
                          generator=torch.Generator().manual_seed(args.seed))
 
-    def run(mask, kind="flow_grpo", level=0.0):
-        return row(verdicts(policy, entries, group_ids, x_init, sigmas, mask, kind, level, args.seed + 1, cfg.guidance))
+    def run(mask, kind="flow_grpo", level=0.0, freqs=0):
+        return row(verdicts(policy, entries, group_ids, x_init, sigmas, mask, kind, level, freqs, args.seed + 1,
+                            cfg.guidance))
 
     results = {"ode": run(torch.zeros(cfg.num_steps, dtype=torch.bool))}
     lines = ["| setting | branch step k | sigma_k | score | pass | malformed | groups with pass spread | "
              "within-group pass variance |", "|---|---|---|---|---|---|---|---|"]
     lines.append(fmt("ODE (no branch)", "–", "–", results["ode"]))
-    for kind, level in settings:
+    for kind, level, freqs in settings:
         for k in args.steps:
             mask = torch.zeros(cfg.num_steps, dtype=torch.bool)
             mask[k] = True
-            r = results[f"{kind}:{level}@{k}"] = run(mask, kind, float(level))
-            lines.append(fmt(f"{kind} {level}", k, f"{float(sigmas[k]):.3f}", r))
+            name = f"{kind} {level}" + (f" band {freqs}" if int(freqs) else "")
+            r = results[f"{kind}:{level}:{freqs}@{k}"] = run(mask, kind, float(level), int(freqs))
+            lines.append(fmt(name, k, f"{float(sigmas[k]):.3f}", r))
             print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

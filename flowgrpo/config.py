@@ -60,6 +60,7 @@ class TrainConfig:
     sde_kind: str = "flow_grpo"
     shared_noise: bool = True
     antithetic: bool = False  # members 2j and 2j+1 of a group take opposite SDE noise (variance reduction)
+    noise_freqs: int = 0  # k > 0: SDE noise only in the k x k lowest DCT frequencies of the latent (layout); 0 = white
     # GRPO update
     advantage: str = "grpo"
     advantage_options: dict = field(default_factory=dict)
@@ -113,6 +114,8 @@ class TrainConfig:
             raise ConfigError(f"train_steps={self.train_steps} must be in [0, num_steps={self.num_steps}]")
         if self.group_size < 2:
             raise ConfigError(f"group_size={self.group_size}: GRPO needs at least 2 samples per prompt")
+        if self.noise_freqs < 0:
+            raise ConfigError(f"noise_freqs must be >= 0 (0 = white noise), got {self.noise_freqs}")
         if self.antithetic and self.group_size % 2:
             raise ConfigError(f"antithetic noise pairs the members of a group: group_size={self.group_size} must be even")
         if self.batch_size % self.micro_batch:

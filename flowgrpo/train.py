@@ -159,7 +159,8 @@ def train(cfg: TrainConfig) -> dict:
                              generator=state.rollout_rng, shared=cfg.shared_noise)
         ro = policy.rollout([e["prompt"] for e in entries], entries, group_ids, x_init, sigmas=sigmas,
                             sde_mask=sde_mask_for(cfg, group_ids, state.rollout_rng), guidance=cfg.guidance, kind=cfg.sde_kind,
-                            noise_level=cfg.noise_level, generator=state.rollout_rng, antithetic=cfg.antithetic)
+                            noise_level=cfg.noise_level, generator=state.rollout_rng, antithetic=cfg.antithetic,
+                            noise_freqs=cfg.noise_freqs)
         rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
         adv = granular_advantages(cfg, policy, ro, rewards, reward_fn, judge, state.tracker)
         steps = train_step_indices(ro, cfg, state.rollout_rng)

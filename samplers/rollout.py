@@ -41,6 +41,7 @@ class Trajectory:
         sigmas: ``[T + 1]`` the schedule.
         kind: SDE kind (key of ``SDE_STEPS``) used at the SDE steps.
         noise_level: the SDE noise level used.
+        noise_freqs: k > 0 when the SDE noise lived in the k x k lowest DCT frequencies (``steps.band_project``).
     """
 
     latents: Tensor
@@ -49,6 +50,7 @@ class Trajectory:
     sigmas: Tensor
     kind: str
     noise_level: float
+    noise_freqs: int = 0
 
     @property
     def sigma_max(self) -> float:
@@ -73,6 +75,7 @@ def sample_trajectory(
     noise_level: float = 0.7,
     generator: torch.Generator | None,
     antithetic: bool = False,
+    noise_freqs: int = 0,
 ) -> Trajectory:
     """Integrate from ``x_init`` (at ``sigmas[0]``) to ``sigmas[-1] = 0``, stochastic where ``sde_mask``.
 
@@ -89,6 +92,8 @@ def sample_trajectory(
             exact sample of the step's Gaussian, but a pair that shares its state (a G²RPO branch, or shared
             initial noise) then differs only through the direction of its noise, which cancels from the policy
             gradient what the two members have in common. Needs an even batch.
+        noise_freqs: k > 0 restricts the SDE noise to the k x k lowest DCT frequencies of each latent channel
+            (the layout); the step is the ODE step in every other direction (see ``steps``).
 
     Raises ValueError if a requested SDE step is deterministic (std 0: noise level 0, or CPS's step to
     sigma 0); leave such steps out of ``sde_mask``.
@@ -130,14 +135,15 @@ def sample_trajectory(
         v = velocity_fn(x, sigma.expand(batch))
         if is_sde:  # noise is drawn for every row, so a row's draw does not depend on the other rows' masks
             x_sde, mean, std = sde_step(kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max,
-                                        generator=generator, antithetic=antithetic)
+                                        generator=generator, antithetic=antithetic, noise_freqs=noise_freqs)
+            log_prob = gaussian_log_prob(x_sde, mean, std, noise_freqs)
             here = rows_sde[:, i]
             if bool(here.all()):
-                x_next, log_prob = x_sde, gaussian_log_prob(x_sde, mean, std)
+                x_next = x_sde
             else:
                 x_ode = ode_step(x, v, sigma, sigma_next)
                 x_next = torch.where(here.view(-1, *([1] * (x.ndim - 1))), x_sde, x_ode)
-                log_prob = torch.where(here, gaussian_log_prob(x_sde, mean, std), 0.0)
+                log_prob = torch.where(here, log_prob, 0.0)
             log_probs.append(log_prob)
         else:
             x_next = ode_step(x, v, sigma, sigma_next)
@@ -153,6 +159,7 @@ def sample_trajectory(
         sigmas=sigmas.clone(),
         kind=kind,
         noise_level=float(noise_level),
+        noise_freqs=noise_freqs,
     )
 
 

@@ -8,6 +8,12 @@ trainer recomputes log-probs from stored (x, x_next) pairs.
 
 ``sigma`` / ``sigma_next`` may be Python floats, 0-d tensors or per-sample ``[B]`` tensors. Maths runs in
 x's dtype, upcast to at least float32 (bf16 overflows in the mean), like Flow-GRPO.
+
+Low-frequency noise (``noise_freqs = k > 0``, latents ``[B, C, H, W]``): the step's noise is restricted to the
+span of the k x k lowest 2-D DCT frequencies of each channel, where an image's layout lives. The step is then
+stochastic in those k*k*C coordinates and the Euler (ODE) step in every other direction; the SDE's drift
+correction is projected onto the same span, which keeps the ODE's marginals (with diffusion matrix g^2 P the
+Fokker-Planck correction is (g^2 / 2) P grad log p). The log-density is that of the k*k*C stochastic coordinates.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from torch import Tensor
 
 __all__ = [
     "SDE_STEPS",
+    "band_lift",
+    "band_project",
     "cps_mean_std",
     "dance_grpo_mean_std",
     "flow_grpo_mean_std",
@@ -27,6 +35,7 @@ __all__ = [
     "ode_step",
     "sde_log_prob",
     "sde_step",
+    "transition_mean_std",
 ]
 
 MeanStd = Callable[..., tuple[Tensor, Tensor]]
@@ -138,6 +147,50 @@ def _mean_std_fn(kind: str) -> MeanStd:
         raise ValueError(f"unknown SDE kind {kind!r}; choose one of {sorted(SDE_STEPS)}") from None
 
 
+def _dct_rows(n: int, k: int, dtype: torch.dtype, device) -> Tensor:
+    """The k lowest-frequency rows of the orthonormal DCT-II matrix of size n, ``[k, n]``."""
+    pos = torch.arange(n, dtype=torch.float64)
+    freq = torch.arange(k, dtype=torch.float64)[:, None]
+    rows = torch.cos(math.pi * (pos + 0.5) * freq / n) * math.sqrt(2 / n)
+    rows[0] /= math.sqrt(2)
+    return rows.to(dtype=dtype, device=device)
+
+
+def _check_band(shape: torch.Size, k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"noise_freqs must be a positive int, got {k!r}")
+    if len(shape) != 4:
+        raise ValueError(f"low-frequency noise needs latents [B, C, H, W], got shape {tuple(shape)}")
+    if k > min(shape[-2:]):
+        raise ValueError(f"noise_freqs={k} exceeds the latent size {tuple(shape[-2:])}")
+
+
+def band_project(r: Tensor, k: int) -> Tensor:
+    """Coordinates of ``r [B, C, H, W]`` on the k x k lowest DCT frequencies of each channel, ``[B, C, k, k]``."""
+    _check_band(r.shape, k)
+    dh, dw = _dct_rows(r.shape[-2], k, r.dtype, r.device), _dct_rows(r.shape[-1], k, r.dtype, r.device)
+    return dh @ r @ dw.T
+
+
+def band_lift(z: Tensor, size: tuple[int, int]) -> Tensor:
+    """The image ``[B, C, H, W]`` of coordinates ``z [B, C, k, k]``; ``band_project(band_lift(z)) == z``."""
+    k = z.shape[-1]
+    _check_band(torch.Size((*z.shape[:2], *size)), k)
+    dh, dw = _dct_rows(size[0], k, z.dtype, z.device), _dct_rows(size[1], k, z.dtype, z.device)
+    return dh.T @ z @ dw
+
+
+def transition_mean_std(kind: str, x: Tensor, v: Tensor, sigma, sigma_next, noise_level: float, *,
+                        sigma_max: float, noise_freqs: int = 0) -> tuple[Tensor, Tensor]:
+    """Mean and std of the SDE step ``kind``; with ``noise_freqs`` the mean is the Euler step plus the
+    kind's correction projected onto the low-frequency band (the directions the noise lives in)."""
+    mean, std = _mean_std_fn(kind)(x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max)
+    if noise_freqs:
+        euler = ode_step(x, v, sigma, sigma_next)
+        mean = euler + band_lift(band_project(mean - euler, noise_freqs), tuple(x.shape[-2:]))
+    return mean, std
+
+
 def sde_step(
     kind: str,
     x: Tensor,
@@ -150,26 +203,34 @@ def sde_step(
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
     antithetic: bool = False,
+    noise_freqs: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One SDE step ``x_next = mean + std * noise``; returns ``(x_next, mean, std)``.
 
-    Give exactly one source of randomness: ``noise`` (x's shape) or ``generator`` (standard normal drawn
-    in the step's compute dtype on x's device; with ``antithetic`` rows 2j+1 take the opposite of row 2j's draw).
+    Give exactly one source of randomness: ``noise`` or ``generator`` (standard normal drawn in the step's
+    compute dtype on x's device; with ``antithetic`` rows 2j+1 take the opposite of row 2j's draw). The noise
+    has x's shape, or ``[B, C, k, k]`` band coordinates with ``noise_freqs = k`` (lifted to the image).
     """
-    mean, std = _mean_std_fn(kind)(x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max)
+    mean, std = transition_mean_std(kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max,
+                                    noise_freqs=noise_freqs)
+    shape = (*mean.shape[:2], noise_freqs, noise_freqs) if noise_freqs else mean.shape
     if (noise is None) == (generator is None):
         raise ValueError("pass exactly one of generator= or noise=")
     if noise is None:
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        noise = torch.randn(shape, generator=generator, dtype=mean.dtype, device=mean.device)
         if antithetic:
             noise[1::2] = -noise[0::2]
-    elif noise.shape != mean.shape:
-        raise ValueError(f"noise must have x's shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
-    return mean + std * noise.to(mean.dtype), mean, std
+    elif noise.shape != shape:
+        raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+    noise = noise.to(mean.dtype)
+    if noise_freqs:
+        noise = band_lift(noise, tuple(mean.shape[-2:]))
+    return mean + std * noise, mean, std
 
 
-def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
-    """log N(x_next; mean, std^2) averaged over all non-batch elements -> ``[B]``.
+def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, noise_freqs: int = 0) -> Tensor:
+    """log N(x_next; mean, std^2) averaged over all non-batch elements -> ``[B]``; with ``noise_freqs`` over the
+    band coordinates of ``x_next - mean`` (the step's stochastic coordinates) instead.
 
     ``std`` is a scalar or broadcasts to x_next's shape (e.g. ``[B, 1, ...]``). A zero std (noise level 0,
     or the CPS step to sigma 0) is a deterministic step without a density: that raises ValueError
@@ -190,6 +251,8 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float) -> Tens
     if not bool((std > 0).all()):
         raise ValueError("std must be > 0: a zero-std step is deterministic and has no log-density")
     diff = x_next.to(dtype) - mean.to(dtype)
+    if noise_freqs:
+        diff = band_project(diff, noise_freqs)
     log_prob = -(diff**2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
     return log_prob.mean(dim=tuple(range(1, x_next.ndim))) if x_next.ndim > 1 else log_prob
 
@@ -204,11 +267,13 @@ def sde_log_prob(
     noise_level: float,
     *,
     sigma_max: float,
+    noise_freqs: int = 0,
 ) -> Tensor:
     """Log-prob ``[B]`` of a stored transition x -> x_next under the step the velocity ``v`` implies.
 
     This is what the trainer calls with the current policy's v; with the sampling-time v it returns
     the log-probs recorded at sampling.
     """
-    mean, std = _mean_std_fn(kind)(x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max)
-    return gaussian_log_prob(x_next, mean, std)
+    mean, std = transition_mean_std(kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max,
+                                    noise_freqs=noise_freqs)
+    return gaussian_log_prob(x_next, mean, std, noise_freqs)

@@ -77,12 +77,12 @@ def test_bf16_autocast_keeps_ratio_one_and_evaluation_fp32(tiny_model):
         TrainConfig(precision="fp16")
 
 
-@pytest.mark.parametrize("antithetic", [False, True])
-def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antithetic):
+@pytest.mark.parametrize(("antithetic", "noise_freqs"), [(False, 0), (True, 0), (False, 2)])
+def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antithetic, noise_freqs):
     """G²RPO singular sampling: per-row SDE steps; the recomputed log-prob of each row's branch step matches."""
     policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
     cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=4,
-                      strategy="g2rpo", sde_steps=3, antithetic=antithetic)
+                      strategy="g2rpo", sde_steps=3, antithetic=antithetic, noise_freqs=noise_freqs)
     g = torch.Generator().manual_seed(4)
     gids = torch.arange(2).repeat_interleave(4)
     mask = sde_mask_for(cfg, gids, g)
@@ -90,7 +90,8 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antit
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
     ro = policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, gids, x, sigmas=policy.sigmas(4),
                         sde_mask=mask, guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g,
-                        antithetic=cfg.antithetic)
+                        antithetic=cfg.antithetic, noise_freqs=cfg.noise_freqs)
+    assert ro.noise_freqs == noise_freqs
     steps = train_step_indices(ro, cfg, g)
     assert torch.equal(steps[:, 0], mask.float().argmax(dim=1))
     for start in (0, 4):
@@ -102,6 +103,8 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antit
         TrainConfig(strategy="g2rpo", shared_noise=False)
     with pytest.raises(ConfigError, match="group_size=3 must be even"):
         TrainConfig(prompts_per_iter=8, group_size=3, antithetic=True)
+    with pytest.raises(ConfigError, match="noise_freqs must be >= 0"):
+        TrainConfig(noise_freqs=-1)
 
 
 def _g2rpo_rollout(policy, cfg, seed):

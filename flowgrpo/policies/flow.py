@@ -20,7 +20,7 @@ from torch import Tensor
 
 from flowgrpo.policies.families import Cond, Family, family_for
 from flowgrpo.samplers.rollout import coarse_tail, sample_trajectory
-from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob
+from flowgrpo.samplers.steps import gaussian_log_prob, transition_mean_std
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -59,6 +59,7 @@ class Rollout:
     kind: str
     noise_level: float
     images: Tensor  # [B, 3, H, W] in [0, 1]
+    noise_freqs: int = 0  # > 0: the SDE noise lived in the lowest noise_freqs x noise_freqs DCT frequencies
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -220,12 +221,13 @@ class FlowPolicy:
     @torch.no_grad()
     def rollout(self, prompts: list[str], metadata: list[dict], group_ids: Tensor, x_init: Tensor, *,
                 sigmas: Tensor, sde_mask: Tensor, guidance: float, kind: str, noise_level: float,
-                generator: torch.Generator, antithetic: bool = False) -> Rollout:
+                generator: torch.Generator, antithetic: bool = False, noise_freqs: int = 0) -> Rollout:
         cond = self.cond(prompts)
         traj = sample_trajectory(self._chunked_velocity(cond, guidance), x_init, sigmas, sde_mask=sde_mask,
-                                 kind=kind, noise_level=noise_level, generator=generator, antithetic=antithetic)
+                                 kind=kind, noise_level=noise_level, generator=generator, antithetic=antithetic,
+                                 noise_freqs=noise_freqs)
         return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
-                       kind, noise_level, self.decode(traj.latents[:, -1]))
+                       kind, noise_level, self.decode(traj.latents[:, -1]), noise_freqs)
 
     @torch.no_grad()
     def finish_coarse(self, ro: Rollout, granularity: int, guidance: float) -> Tensor:
@@ -271,8 +273,9 @@ class FlowPolicy:
         sigma, sigma_next = ro.sigmas[step], ro.sigmas[step + 1]
         v = self.velocity(x, sigma, self.cond(ro.prompts[rows]), guidance,
                           transformer=transformer, grad=grad)
-        mean, std = SDE_STEPS[ro.kind](x, v, sigma, sigma_next, ro.noise_level, sigma_max=float(ro.sigmas[1]))
-        return gaussian_log_prob(x_next, mean, std), mean, std
+        mean, std = transition_mean_std(ro.kind, x, v, sigma, sigma_next, ro.noise_level,
+                                        sigma_max=float(ro.sigmas[1]), noise_freqs=ro.noise_freqs)
+        return gaussian_log_prob(x_next, mean, std, ro.noise_freqs), mean, std
 
     # ---------------------------------------------------------------- export
     def save(self, path: str | Path) -> Path:
