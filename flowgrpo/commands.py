@@ -42,8 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="GRPO-train a flow-matching text-to-image model",
                        description="Train with Flow-GRPO. The preset applies first, then the YAML file, then the options given here. "
                                    "The `shapes` preset trains the shipped Shapes base model on this CPU in ~15 min "
-                                   "and prints base vs trained accuracy.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "and prints base vs trained accuracy.")
     p.add_argument("--preset", default="shapes", choices=sorted(PRESETS), help="typed preset to start from")
     p.add_argument("--config", default=None, help="YAML file of option: value overrides")
     add_arguments(p)

@@ -24,67 +24,74 @@ class ConfigError(ValueError):
     """A configuration value is invalid or inconsistent with another."""
 
 
+def opt(default=dataclasses.MISSING, help: str = "", *, factory=None):
+    """A TrainConfig field with its `--help` text."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # model and data
-    model: str = str(SHAPES_MODEL)
-    family_options: dict = field(default_factory=dict)
-    height: int = 0  # 0 = the model's native size
-    width: int = 0
-    lora_rank: int = 0  # 0 = full fine-tuning
-    precision: str = "fp32"  # rollouts and updates: fp32, or bf16 autocast of the transformer (evaluation stays fp32)
-    prompts: str = "shapes:train"
-    eval_prompts: str = "shapes:test"
-    reward: str = "shapes"
-    reward_options: dict = field(default_factory=dict)
-    judge: str = ""  # Pref-GRPO: a pairwise judge name (e.g. shapes, vlm_pairwise); "" = pointwise GRPO
-    judge_options: dict = field(default_factory=dict)
-    pointwise_weight: float = 0.0  # Pref-GRPO: weight of the pointwise reward's advantages in the mix
-    out: str = "runs/shapes-grpo"
-    seed: int = 0
+    model: str = opt(str(SHAPES_MODEL), "local diffusers pipeline directory (SD3/SD3.5, FLUX or Sana)")
+    family_options: dict = opt(factory=dict, help="model-family options, e.g. {max_sequence_length: 128}")
+    height: int = opt(0, "image height; 0 = the model's native size")
+    width: int = opt(0, "image width; 0 = the model's native size")
+    lora_rank: int = opt(0, "LoRA rank of the transformer's attention projections; 0 = full fine-tuning")
+    precision: str = opt("fp32", "rollouts and updates: fp32, or bf16 autocast of the transformer (evaluation stays fp32)")
+    prompts: str = opt("shapes:train", "training prompts: shapes:train, or a .jsonl (GenEval metadata) / .txt file")
+    eval_prompts: str = opt("shapes:test", "evaluation prompts (GenEval metadata gives accuracy, else the mean reward)")
+    reward: str = opt("shapes", "reward: shapes, clipscore, pickscore, aesthetic, ocr, remote (HTTP service), vlm, weighted")
+    reward_options: dict = opt(factory=dict, help="reward options, e.g. {mode: strict}")
+    judge: str = opt("", "Pref-GRPO: a pairwise judge (shapes, vlm_pairwise); '' = pointwise GRPO advantages")
+    judge_options: dict = opt(factory=dict, help="pairwise judge options")
+    pointwise_weight: float = opt(0.0, "Pref-GRPO: weight of the pointwise reward's advantages in the mix")
+    out: str = opt("runs/shapes-grpo", "run directory: checkpoint, evaluations, grids, TensorBoard, final pipeline")
+    seed: int = opt(0, "seed of every random stream (prompts, rollout noise, evaluation noise)")
     # rollouts
-    prompts_per_iter: int = 12  # per process
-    group_size: int = 8
-    micro_batch: int = 24
-    num_steps: int = 10  # SDE sampling steps (denoising reduction: fewer than eval_num_steps)
-    train_steps: int = 0  # 0 = train on every SDE step; k > 0 = a random subset of k (DanceGRPO)
-    # flow_grpo = SDE on every step of the window; g2rpo = G²RPO singular stochastic sampling: each group shares its
-    # ODE path up to one branch step (random in the window) where each member takes one SDE step, then ODE
-    strategy: str = "g2rpo"
-    sde_steps: int = 3  # the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)
-    # g2rpo multi-granularity: also finish each branch by ODE on every 2nd, ..., n-th later sigma and sum the
-    # advantages of all n granularities (each normalised in its groups); 1 = the sampling schedule only
-    granularities: int = 1
-    guidance: float = 4.5
-    noise_level: float = 1.2
-    sde_kind: str = "flow_grpo"
-    shared_noise: bool = True
-    antithetic: bool = False  # members 2j and 2j+1 of a group take opposite SDE noise (variance reduction)
-    noise_freqs: int = 0  # k > 0: SDE noise only in the k x k lowest DCT frequencies of the latent (layout); 0 = white
+    prompts_per_iter: int = opt(12, "prompts per iteration (per process)")
+    group_size: int = opt(8, "samples per prompt (G)")
+    micro_batch: int = opt(24, "samples per forward pass; must divide prompts_per_iter x group_size")
+    num_steps: int = opt(10, "sampling steps of rollouts (denoising reduction: fewer than eval_num_steps)")
+    train_steps: int = opt(0, "0 = train on every SDE step; k > 0 = a random subset of k (DanceGRPO)")
+    strategy: str = opt("g2rpo", "flow_grpo = SDE on every step of the window; g2rpo = G²RPO singular stochastic "
+                                 "sampling: each group shares its ODE path up to one branch step (random in the "
+                                 "window) where each member takes one SDE step, then ODE")
+    sde_steps: int = opt(3, "the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)")
+    granularities: int = opt(1, "G²RPO multi-granularity: also finish each branch by ODE on every 2nd, ..., n-th "
+                                "later sigma and sum the n advantages (each normalised in its groups)")
+    guidance: float = opt(4.5, "classifier-free guidance scale of rollouts, training and evaluation")
+    noise_level: float = opt(1.2, "SDE noise level (Flow-GRPO's a, DanceGRPO's eta, CPS's level in [0, 1])")
+    sde_kind: str = opt("flow_grpo", "SDE step: flow_grpo, dance (constant sigma_t) or cps (coefficients-preserving)")
+    shared_noise: bool = opt(True, "the members of a group start from the same initial noise")
+    antithetic: bool = opt(False, "members 2j and 2j+1 of a group take opposite SDE noise (variance reduction)")
+    noise_freqs: int = opt(0, "k > 0: SDE noise only in the k x k lowest DCT frequencies of each latent channel "
+                              "(the layout), deterministic elsewhere; 0 = white noise")
     # GRPO update
-    advantage: str = "grpo"
-    advantage_options: dict = field(default_factory=dict)
-    adv_clip: float = 5.0
-    zero_std: str = "keep"
-    loss_agg: str = "token-mean"
-    clip_low: float = 1e-3
-    clip_high: float = 1e-3
-    beta: float = 0.02  # KL to the reference (keeps images clean); 0 never runs the reference
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    optimizer_steps: int = 1  # optimizer steps per iteration (the batch is split between them)
-    inner_epochs: int = 1
-    ema_decay: float = 0.0  # evaluate and export a moving average of the weights (per iteration); 0 = the live weights
+    advantage: str = opt("grpo", "advantage estimator: grpo, rloo, mc_grpo, gdpo, bnpo, ngrpo, stratified, spo, winrate")
+    advantage_options: dict = opt(factory=dict, help="estimator options, e.g. {scale: none} (Dr.GRPO)")
+    adv_clip: float = opt(5.0, "clip advantages to [-c, c]")
+    zero_std: str = opt("keep", "groups whose rewards are all equal: keep (the estimator's value, 0 for grpo) or drop (left out of the loss)")
+    loss_agg: str = opt("token-mean", "loss aggregation over samples and steps: token-mean, seq-mean-token-mean, seq-mean-token-sum(-norm)")
+    clip_low: float = opt(1e-3, "PPO clip: lower epsilon of the importance ratio")
+    clip_high: float = opt(1e-3, "PPO clip: upper epsilon of the importance ratio")
+    beta: float = opt(0.02, "KL to the reference model (keeps images clean); 0 never runs the reference")
+    lr: float = opt(3e-5, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    optimizer_steps: int = opt(1, "optimizer steps per iteration (the batch is split between them)")
+    inner_epochs: int = opt(1, "passes over each iteration's batch")
+    ema_decay: float = opt(0.0, "evaluate and export a moving average of the weights (per iteration); 0 = live weights")
     # schedule and evaluation
-    iterations: int = 1000
-    max_minutes: float = 15.0  # > 0: stop after this much training time (evaluation excluded); 0 = no limit
-    eval_every: int = 80
-    eval_num_steps: int = 20
-    eval_images_per_prompt: int = 4  # 300 test entries x 4: standard error ~1.2 points
-    save_every: int = 50
-    resume: bool = True
-    log_with: str = "tensorboard"
+    iterations: int = opt(1000, "iterations (rollout + update) at most")
+    max_minutes: float = opt(15.0, "> 0: stop after this much training time (evaluation excluded); 0 = no limit")
+    eval_every: int = opt(80, "evaluate (and write an image grid) every n iterations")
+    eval_num_steps: int = opt(20, "Euler steps of evaluation sampling")
+    eval_images_per_prompt: int = opt(4, "images per evaluation prompt (300 Shapes test entries x 4: stderr ~1.2 points)")
+    save_every: int = opt(50, "checkpoint every n iterations")
+    resume: bool = opt(True, "resume from out/checkpoint when it exists")
+    log_with: str = opt("tensorboard", "accelerate tracker (tensorboard, wandb, ...); '' = none")
 
     def __post_init__(self) -> None:
         positive = ("prompts_per_iter", "group_size", "micro_batch", "num_steps", "granularities", "optimizer_steps",
@@ -209,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = "bool" if isinstance(default, bool) else "mapping (YAML)" if isinstance(default, dict) else type(default).__name__
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=kind.upper(),
-                            help=f"(default in the shapes preset: {PRESETS['shapes'].get(f.name, default)!r})")
+                            help=f"{f.metadata['help']} (shapes preset: {PRESETS['shapes'].get(f.name, default)!r})")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -286,3 +286,24 @@ def test_config_validation_names_the_numbers(tmp_path):
         make_config("shapes", str(y))
     with pytest.raises(ConfigError, match="cannot read 'fast' as float"):
         make_config("shapes", overrides={"lr": "fast"})
+
+
+def test_train_help_explains_every_option(capsys):
+    import argparse
+    from dataclasses import fields
+
+    from flowgrpo.commands import register
+
+    parser = argparse.ArgumentParser(prog="flowgrpo")
+    register(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in fields(TrainConfig):
+        assert len(f.metadata.get("help", "")) > 10, f"{f.name} has no help text"
+        assert f"--{f.name.replace('_', '-')}" in text
+    assert "k x k lowest DCT frequencies of each latent channel" in text
+    # the preset's value, not the dataclass default ('')
+    assert "pointwise GRPO advantages (shapes preset: 'shapes')" in text
+    args = parser.parse_args(["train", "--noise-freqs", "8", "--antithetic", "true"])
+    assert args.noise_freqs == "8" and args.antithetic == "true" and args.lr is None
