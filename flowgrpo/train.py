@@ -21,7 +21,7 @@ from flowgrpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from flowgrpo.config import TrainConfig
 from flowgrpo.core import TRACKED_ESTIMATORS, AdvantageResult, compute_advantages
 from flowgrpo.ema import WeightEMA
-from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, write_report
+from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, report_markdown, write_report
 from flowgrpo.eval.reward_eval import RewardEvalResult, evaluate_reward, is_geneval, write_reward_report
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.prompts.loaders import load_prompts
@@ -231,8 +231,9 @@ def _finish(state: TrainState, out: Path) -> dict:
         (out / "report.md").write_text(table + "\n")
         print(f"\n{table}\n\ngrids: {out / 'eval'}/*/grid.png   tensorboard --logdir {out}")
         return summary
-    table = markdown_table({"base": base, f"trained ({state.iteration} it)": last})
-    (out / "report.md").write_text(table + "\n")
+    models = {"base": base, f"trained ({state.iteration} it)": last}
+    table = markdown_table(models)
+    (out / "report.md").write_text(report_markdown(models))  # with why images failed, per tag
     print(f"\n{table}\n\noverall accuracy {100 * base['accuracy']['overall']:.1f}% -> "
           f"{100 * last['accuracy']['overall']:.1f}% after {state.train_seconds / 60:.1f} min of training")
     print(f"grids: {out / 'eval'}/*/grid.png   report: {out / 'report.md'}   tensorboard --logdir {out}")
