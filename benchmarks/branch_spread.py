@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True, help="markdown table; the JSON goes beside it")
     args = ap.parse_args()
-    settings = [(s.split(":") + ["0"])[:3] if s.count(":") == 1 else s.split(":") for s in args.settings]
+    settings = [s.split(":") for s in args.settings]
+    settings = [s + ["0"] if len(s) == 2 else s for s in settings]  # no FREQS: white noise
     if any(len(s) != 3 or s[0] not in SDE_STEPS or not _is_float(s[1]) or not s[2].isdigit() for s in settings):
         ap.error(f"settings must be KIND:NOISE[:FREQS] with KIND in {sorted(SDE_STEPS)}, got {args.settings}")
     # the rollout runs in micro-batches, which must divide the batch

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from flowgrpo.assets import SHAPES_MODEL
-from flowgrpo.core import TRACKED_ESTIMATORS
+from flowgrpo.core import ADVANTAGES, AGGREGATIONS, TRACKED_ESTIMATORS
+from flowgrpo.rewards import REWARDS
 
 SDE_KINDS = ("flow_grpo", "dance", "cps")
 STRATEGIES = ("flow_grpo", "g2rpo")
@@ -42,7 +43,7 @@ class TrainConfig:
     precision: str = opt("fp32", "rollouts and updates: fp32, or bf16 autocast of the transformer (evaluation stays fp32)")
     prompts: str = opt("shapes:train", "training prompts: shapes:train, or a .jsonl (GenEval metadata) / .txt file")
     eval_prompts: str = opt("shapes:test", "evaluation prompts (GenEval metadata gives accuracy, else the mean reward)")
-    reward: str = opt("shapes", "reward: shapes, clipscore, pickscore, aesthetic, ocr, remote (HTTP service), vlm, weighted")
+    reward: str = opt("shapes", f"reward: {', '.join(REWARDS)} (remote = an HTTP service)")
     reward_options: dict = opt(factory=dict, help="reward options, e.g. {mode: strict}")
     judge: str = opt("", "Pref-GRPO: a pairwise judge (shapes, vlm_pairwise); '' = pointwise GRPO advantages")
     judge_options: dict = opt(factory=dict, help="pairwise judge options")
@@ -69,11 +70,11 @@ class TrainConfig:
     noise_freqs: int = opt(0, "k > 0: SDE noise only in the k x k lowest DCT frequencies of each latent channel "
                               "(the layout), deterministic elsewhere; 0 = white noise")
     # GRPO update
-    advantage: str = opt("grpo", "advantage estimator: grpo, rloo, mc_grpo, gdpo, bnpo, ngrpo, stratified, spo, winrate")
+    advantage: str = opt("grpo", f"advantage estimator: {', '.join(sorted(ADVANTAGES))}")
     advantage_options: dict = opt(factory=dict, help="estimator options, e.g. {scale: none} (Dr.GRPO)")
     adv_clip: float = opt(5.0, "clip advantages to [-c, c]")
     zero_std: str = opt("keep", "groups whose rewards are all equal: keep (the estimator's value, 0 for grpo) or drop (left out of the loss)")
-    loss_agg: str = opt("token-mean", "loss aggregation over samples and steps: token-mean, seq-mean-token-mean, seq-mean-token-sum(-norm)")
+    loss_agg: str = opt("token-mean", f"loss aggregation over samples and steps: {', '.join(AGGREGATIONS)}")
     clip_low: float = opt(1e-3, "PPO clip: lower epsilon of the importance ratio")
     clip_high: float = opt(1e-3, "PPO clip: upper epsilon of the importance ratio")
     beta: float = opt(0.02, "KL to the reference model (keeps images clean); 0 never runs the reference")

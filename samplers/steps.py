@@ -175,6 +175,8 @@ def band_project(r: Tensor, k: int) -> Tensor:
 def band_lift(z: Tensor, size: tuple[int, int]) -> Tensor:
     """The image ``[B, C, H, W]`` of coordinates ``z [B, C, k, k]``; ``band_project(band_lift(z)) == z``."""
     k = z.shape[-1]
+    if z.ndim != 4 or z.shape[-2] != k:
+        raise ValueError(f"band coordinates must be [B, C, k, k], got shape {tuple(z.shape)}")
     _check_band(torch.Size((*z.shape[:2], *size)), k)
     dh, dw = _dct_rows(size[0], k, z.dtype, z.device), _dct_rows(size[1], k, z.dtype, z.device)
     return dh.T @ z @ dw

@@ -124,6 +124,8 @@ def test_band_bad_input(shape, k, match):
     x = torch.zeros(shape)
     with pytest.raises(ValueError, match=match):
         sde_step("flow_grpo", x, x, 0.7, 0.5, 0.7, sigma_max=0.9, generator=torch.Generator(), noise_freqs=k)
+    with pytest.raises(ValueError, match=r"band coordinates must be \[B, C, k, k\]"):
+        band_lift(torch.zeros(2, 3, 4), (8, 8))
     with pytest.raises(ValueError, match="must have shape"):
         sde_step("flow_grpo", torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), 0.7, 0.5, 0.7, sigma_max=0.9,
                  noise=torch.zeros(2, 3, 8, 8), noise_freqs=2)
