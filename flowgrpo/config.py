@@ -19,6 +19,7 @@ from flowgrpo.rewards import REWARDS
 SDE_KINDS = ("flow_grpo", "dance", "cps")
 STRATEGIES = ("flow_grpo", "g2rpo")
 PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,9 @@ class TrainConfig:
     clip_high: float = opt(1e-3, "PPO clip: upper epsilon of the importance ratio")
     beta: float = opt(0.02, "KL to the reference model (keeps images clean); 0 never runs the reference")
     lr: float = opt(3e-5, "AdamW learning rate")
+    lr_schedule: str = opt("constant", "learning rate over the budget: constant, linear or cosine decay to "
+                                       "lr_final x lr (the budget = iterations or max_minutes, whichever ends first)")
+    lr_final: float = opt(0.1, "the decaying schedules end at this fraction of lr")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "gradient-norm clip")
     optimizer_steps: int = opt(1, "optimizer steps per iteration (the batch is split between them)")
@@ -103,6 +107,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sde_kind not in SDE_KINDS:
             raise ConfigError(f"sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        if not 0 <= self.lr_final <= 1:
+            raise ConfigError(f"lr_final must be in [0, 1], got {self.lr_final}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:

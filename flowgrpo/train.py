@@ -29,7 +29,7 @@ from flowgrpo.pref import pref_advantages
 from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.samplers.rollout import group_noise, singular_branch_mask
 from flowgrpo.shapes.data import tag_balanced_indices
-from flowgrpo.update import grpo_update, train_step_indices
+from flowgrpo.update import budget_progress, grpo_update, scheduled_lr, train_step_indices
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -164,6 +164,9 @@ def train(cfg: TrainConfig) -> dict:
         rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
         adv = granular_advantages(cfg, policy, ro, rewards, reward_fn, judge, state.tracker)
         steps = train_step_indices(ro, cfg, state.rollout_rng)
+        lr = scheduled_lr(cfg, budget_progress(cfg, state.iteration, state.train_seconds))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         stats = grpo_update(policy, optimizer, params, ro, adv, steps, cfg)
         if state.ema is not None:
             state.ema.update(policy.transformer)
@@ -172,7 +175,7 @@ def train(cfg: TrainConfig) -> dict:
 
         metrics = {"reward_mean": float(rewards.nanmean()), "reward_std": float(rewards[~rewards.isnan()].std()),
                    **{f"adv/{k}": v for k, v in adv.stats.items()}, **stats,
-                   "seconds_per_iter": time.time() - t0, "train_minutes": state.train_seconds / 60}
+                   "lr": lr, "seconds_per_iter": time.time() - t0, "train_minutes": state.train_seconds / 60}
         for tag in sorted({e.get("tag") for e in entries} - {None}):
             rows = torch.tensor([e.get("tag") == tag for e in entries])
             metrics[f"reward/{tag}"] = float(rewards[rows].nanmean())

@@ -1,6 +1,7 @@
 """One GRPO policy update on a batch of flow rollouts (PPO-clip over SDE steps, optional KL)."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -9,6 +10,23 @@ from flowgrpo.config import TrainConfig
 from flowgrpo.core import AdvantageResult, gaussian_mean_kl, loss_weights, ppo_clip_loss
 from flowgrpo.policies.flow import FlowPolicy, Rollout
 from flowgrpo.samplers.rollout import dance_train_steps
+
+
+def budget_progress(cfg: TrainConfig, iteration: int, train_seconds: float) -> float:
+    """Fraction of the training budget used: iterations or training minutes, whichever runs out first."""
+    done = iteration / cfg.iterations
+    if cfg.max_minutes:
+        done = max(done, train_seconds / (60 * cfg.max_minutes))
+    return min(done, 1.0)
+
+
+def scheduled_lr(cfg: TrainConfig, progress: float) -> float:
+    """The learning rate at `progress` in [0, 1] of the budget: constant, or a linear / cosine decay from lr to
+    lr_final x lr. A wall-clock budget makes the iteration count unknown up front, hence progress, not steps."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    decay = 1 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * decay)
 
 
 def train_step_indices(ro: Rollout, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:

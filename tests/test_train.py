@@ -1,5 +1,6 @@
 """The Flow-GRPO training path on a tiny Shapes SD3 pipeline: ratio 1, invariances, exact resume."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from flowgrpo.prompts.shapes import load_split
 from flowgrpo.samplers.rollout import coarse_tail, group_noise
 from flowgrpo.shapes.model import TransformerSpec, build_pipeline
 from flowgrpo.train import granular_advantages, sde_mask_for, train
-from flowgrpo.update import grpo_update, train_step_indices
+from flowgrpo.update import budget_progress, grpo_update, scheduled_lr, train_step_indices
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares"]
 
@@ -212,9 +213,10 @@ def _cfg(model, out, evalf, iterations, **kw):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(tiny_model, tmp_path, eval_file):
-    straight = train(_cfg(tiny_model, tmp_path / "a", eval_file, 3))
-    train(_cfg(tiny_model, tmp_path / "b", eval_file, 1))
-    resumed = train(_cfg(tiny_model, tmp_path / "b", eval_file, 3))
+    sched = dict(lr_schedule="linear", lr_final=0.25, max_minutes=0)  # the decay is set by the run's iteration budget
+    straight = train(_cfg(tiny_model, tmp_path / "a", eval_file, 3, **sched))
+    train(_cfg(tiny_model, tmp_path / "b", eval_file, 1, **sched))
+    resumed = train(_cfg(tiny_model, tmp_path / "b", eval_file, 3, **sched))
     assert straight["iterations"] == resumed["iterations"] == 3
     for f in ("weights.safetensors", "ema.safetensors"):
         wa = (tmp_path / "a" / "checkpoint" / f).read_bytes()
@@ -226,6 +228,8 @@ def test_resume_continues_exactly(tiny_model, tmp_path, eval_file):
     ra = [h["reward_mean"] for h in sa["history"]["train"]]
     rb = [h["reward_mean"] for h in sb["history"]["train"]]
     assert ra == rb
+    lr = TrainConfig().lr
+    assert [h["lr"] for h in sb["history"]["train"]] == pytest.approx([lr, lr * 0.75, lr * 0.5])
     assert (tmp_path / "a" / "eval" / "base" / "grid.png").is_file()
     report = (tmp_path / "a" / "report.md").read_text()
     assert "| base |" in report and "| trained (3 it) |" in report and "Failed requirements" in report
@@ -265,6 +269,22 @@ def test_bad_checkpoints_are_refused_clearly(tiny_model, tmp_path, eval_file):
     train(_cfg(tiny_model, tmp_path / "run2", eval_file, 1))
     with pytest.raises(ValueError, match="does not match the model's trainable parameters"):
         load_checkpoint(tmp_path / "run2" / "checkpoint", other, torch.optim.AdamW(other.parameters()))
+
+
+def test_learning_rate_schedules_by_hand():
+    cfg = TrainConfig(lr=1.0, lr_final=0.2, iterations=100, max_minutes=10)
+    assert budget_progress(cfg, 25, 0.0) == 0.25
+    assert budget_progress(cfg, 25, 450.0) == 0.75  # 7.5 of 10 minutes: the time budget runs out first
+    assert budget_progress(cfg, 100, 900.0) == 1.0
+    assert budget_progress(replace(cfg, max_minutes=0), 25, 1e9) == 0.25
+    assert scheduled_lr(cfg, 0.5) == 1.0  # constant
+    linear, cosine = replace(cfg, lr_schedule="linear"), replace(cfg, lr_schedule="cosine")
+    assert [scheduled_lr(linear, p) for p in (0, 0.5, 1)] == pytest.approx([1.0, 0.6, 0.2])
+    assert [scheduled_lr(cosine, p) for p in (0, 0.25, 0.5, 1)] == pytest.approx([1.0, 0.2 + 0.8 * 0.8535534, 0.6, 0.2])
+    with pytest.raises(ConfigError, match="lr_schedule 'step' is not one of"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ConfigError, match=r"lr_final must be in \[0, 1\], got 1.5"):
+        TrainConfig(lr_final=1.5)
 
 
 def test_config_validation_names_the_numbers(tmp_path):
