@@ -63,6 +63,8 @@ class TrainConfig:
     sde_steps: int = opt(3, "the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)")
     granularities: int = opt(1, "G²RPO multi-granularity: also finish each branch by ODE on every 2nd, ..., n-th "
                                 "later sigma and sum the n advantages (each normalised in its groups)")
+    schedule_jitter: int = opt(0, "m > 0: each iteration's rollouts step through the model's m x finer grid at a random "
+                                  "offset (same step count), so training visits every noise level, not one grid's")
     guidance: float = opt(4.5, "classifier-free guidance scale of rollouts, training and evaluation")
     noise_level: float = opt(1.2, "SDE noise level (Flow-GRPO's a, DanceGRPO's eta, CPS's level in [0, 1])")
     sde_kind: str = opt("flow_grpo", "SDE step: flow_grpo, dance (constant sigma_t) or cps (coefficients-preserving)")
@@ -130,6 +132,8 @@ class TrainConfig:
             raise ConfigError(f"train_steps={self.train_steps} must be in [0, num_steps={self.num_steps}]")
         if self.group_size < 2:
             raise ConfigError(f"group_size={self.group_size}: GRPO needs at least 2 samples per prompt")
+        if self.schedule_jitter < 0:
+            raise ConfigError(f"schedule_jitter must be >= 0 (0 = the fixed grid), got {self.schedule_jitter}")
         if self.noise_freqs < 0:
             raise ConfigError(f"noise_freqs must be >= 0 (0 = white noise), got {self.noise_freqs}")
         if self.antithetic and self.group_size % 2:

@@ -28,6 +28,7 @@ from flowgrpo.prompts.loaders import load_prompts
 from flowgrpo.pref import pref_advantages
 from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.samplers.rollout import group_noise, singular_branch_mask
+from flowgrpo.samplers.schedules import offset_schedule
 from flowgrpo.shapes.data import tag_balanced_indices
 from flowgrpo.update import budget_progress, grpo_update, scheduled_lr, train_step_indices
 
@@ -139,6 +140,7 @@ def train(cfg: TrainConfig) -> dict:
         state = TrainState.fresh(cfg.seed, accel.process_index)
         state.ema = ema
     sigmas = policy.sigmas(cfg.num_steps)
+    fine = policy.sigmas(cfg.num_steps * cfg.schedule_jitter) if cfg.schedule_jitter else None
 
     results: dict[str, GenevalResult | RewardEvalResult] = {}
     if not state.history["eval"]:
@@ -157,6 +159,9 @@ def train(cfg: TrainConfig) -> dict:
         entries, group_ids = sample_groups(train_entries, cfg, state.prompt_rng, accel.process_index)
         x_init = group_noise(cfg.prompts_per_iter, cfg.group_size, policy.latent_shape(),
                              generator=state.rollout_rng, shared=cfg.shared_noise)
+        if fine is not None:
+            offset = int(torch.randint(1, cfg.schedule_jitter + 1, (1,), generator=state.rollout_rng))
+            sigmas = offset_schedule(fine, cfg.num_steps, offset)
         ro = policy.rollout([e["prompt"] for e in entries], entries, group_ids, x_init, sigmas=sigmas,
                             sde_mask=sde_mask_for(cfg, group_ids, state.rollout_rng), guidance=cfg.guidance, kind=cfg.sde_kind,
                             noise_level=cfg.noise_level, generator=state.rollout_rng, antithetic=cfg.antithetic,

@@ -1,7 +1,7 @@
 """Flow-matching samplers: schedules from scheduler configs, ODE/SDE steps with log-probs, rollouts."""
 
 from flowgrpo.samplers.rollout import Trajectory, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory
-from flowgrpo.samplers.schedules import calculate_shift, flow_sigmas, timesteps_from_sigmas
+from flowgrpo.samplers.schedules import calculate_shift, flow_sigmas, offset_schedule, timesteps_from_sigmas
 from flowgrpo.samplers.steps import (
     SDE_STEPS,
     cps_mean_std,
@@ -22,6 +22,7 @@ __all__ = [
     "dance_train_steps",
     "flow_grpo_mean_std",
     "flow_sigmas",
+    "offset_schedule",
     "gaussian_log_prob",
     "group_noise",
     "mixgrpo_window",

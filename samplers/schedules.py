@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["calculate_shift", "flow_sigmas", "timesteps_from_sigmas"]
+__all__ = ["calculate_shift", "flow_sigmas", "offset_schedule", "timesteps_from_sigmas"]
 
 _EULER = "FlowMatchEulerDiscreteScheduler"
 _DPM = "DPMSolverMultistepScheduler"
@@ -165,6 +165,25 @@ def flow_sigmas(
 
     sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
     return torch.cat([sigmas, torch.zeros(1)])
+
+
+def offset_schedule(fine: Tensor, num_steps: int, offset: int) -> Tensor:
+    """A `num_steps` schedule whose interior sigmas are those of a finer grid shifted by `offset` fine steps.
+
+    `fine` is the model's own grid at ``num_steps * m`` steps (``m * num_steps + 1`` values ending at 0). The result
+    starts at ``fine[0]`` (where the initial noise lives), ends at 0 and steps through ``fine[(k - 1) * m + offset]``
+    for k = 1 .. num_steps - 1, so its first step is ``offset`` fine steps long and the others m (the last one
+    ``2m - offset``). Training rollouts on random offsets visit every noise level of the fine grid instead of only
+    the points of one grid, so what the model learns there also holds for samplers with other step counts.
+    """
+    m, rem = divmod(len(fine) - 1, num_steps)
+    if rem or m < 1 or float(fine[-1]) != 0:
+        raise ValueError(f"fine must be a grid of num_steps x m steps ending at 0; got {len(fine)} values for "
+                         f"num_steps={num_steps}")
+    if not 1 <= offset <= m:
+        raise ValueError(f"offset must be in [1, {m}], got {offset}")
+    idx = [0] + [(k - 1) * m + offset for k in range(1, num_steps)] + [num_steps * m]
+    return fine[torch.tensor(idx)]
 
 
 def timesteps_from_sigmas(sigmas: Tensor, num_train_timesteps: int) -> Tensor:

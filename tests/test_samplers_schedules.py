@@ -1,11 +1,11 @@
-"""flow_sigmas must reproduce diffusers' FlowMatchEulerDiscreteScheduler schedules bit for bit."""
+"""flow_sigmas must reproduce diffusers' FlowMatchEulerDiscreteScheduler schedules bit for bit; offset schedules by hand."""
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flowgrpo.samplers.schedules import calculate_shift, flow_sigmas, timesteps_from_sigmas
+from flowgrpo.samplers.schedules import calculate_shift, flow_sigmas, offset_schedule, timesteps_from_sigmas
 
 SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.29.0", "num_train_timesteps": 1000, "shift": 3.0}
 FLUX = {
@@ -128,3 +128,19 @@ def test_timesteps_from_sigmas_bad_input():
         timesteps_from_sigmas(torch.tensor([1.0, 0.0]), 0)
     with pytest.raises(ValueError, match="floating"):
         timesteps_from_sigmas(torch.tensor([1, 0]), 1000)
+
+
+def test_offset_schedule_by_hand():
+    fine = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.0])  # 3 steps x m = 2
+    assert offset_schedule(fine, 3, 1).tolist() == pytest.approx([1.0, 0.9, 0.7, 0.0])
+    assert offset_schedule(fine, 3, 2).tolist() == pytest.approx([1.0, 0.8, 0.6, 0.0])
+    # every offset keeps the step count and both ends; together they visit every interior fine sigma
+    sd3 = flow_sigmas(SD3, 40)
+    schedules = [offset_schedule(sd3, 10, j) for j in range(1, 5)]
+    assert all(len(s) == 11 and s[0] == sd3[0] and s[-1] == 0 and (s.diff() < 0).all() for s in schedules)
+    visited = torch.cat([s[1:-1] for s in schedules]).sort(descending=True).values
+    assert torch.equal(visited, sd3[1:37])
+    with pytest.raises(ValueError, match=r"offset must be in \[1, 2\], got 3"):
+        offset_schedule(fine, 3, 3)
+    with pytest.raises(ValueError, match="a grid of num_steps x m steps ending at 0"):
+        offset_schedule(fine, 4, 1)

@@ -12,6 +12,7 @@ from flowgrpo.core import compute_advantages
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.samplers.rollout import coarse_tail, group_noise
+from flowgrpo.samplers.schedules import offset_schedule
 from flowgrpo.shapes.model import TransformerSpec, build_pipeline
 from flowgrpo.train import granular_advantages, sde_mask_for, train
 from flowgrpo.update import budget_progress, grpo_update, scheduled_lr, train_step_indices
@@ -78,9 +79,10 @@ def test_bf16_autocast_keeps_ratio_one_and_evaluation_fp32(tiny_model):
         TrainConfig(precision="fp16")
 
 
-@pytest.mark.parametrize(("antithetic", "noise_freqs"), [(False, 0), (True, 0), (False, 2)])
-def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antithetic, noise_freqs):
-    """G²RPO singular sampling: per-row SDE steps; the recomputed log-prob of each row's branch step matches."""
+@pytest.mark.parametrize(("antithetic", "noise_freqs", "offset"), [(False, 0, 0), (True, 0, 0), (False, 2, 0), (False, 0, 1)])
+def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antithetic, noise_freqs, offset):
+    """G²RPO singular sampling: per-row SDE steps; the recomputed log-prob of each row's branch step matches,
+    also on an offset schedule (the rollout's own sigmas are used, not the policy's grid)."""
     policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
     cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=4,
                       strategy="g2rpo", sde_steps=3, antithetic=antithetic, noise_freqs=noise_freqs)
@@ -89,7 +91,8 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antit
     mask = sde_mask_for(cfg, gids, g)
     assert mask.shape == (8, 4) and (mask.sum(dim=1) == 1).all() and not mask[:, 3].any()
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
-    ro = policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, gids, x, sigmas=policy.sigmas(4),
+    sigmas = offset_schedule(policy.sigmas(12), 4, offset) if offset else policy.sigmas(4)
+    ro = policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, gids, x, sigmas=sigmas,
                         sde_mask=mask, guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g,
                         antithetic=cfg.antithetic, noise_freqs=cfg.noise_freqs)
     assert ro.noise_freqs == noise_freqs
@@ -106,6 +109,8 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antit
         TrainConfig(prompts_per_iter=8, group_size=3, antithetic=True)
     with pytest.raises(ConfigError, match="noise_freqs must be >= 0"):
         TrainConfig(noise_freqs=-1)
+    with pytest.raises(ConfigError, match="schedule_jitter must be >= 0"):
+        TrainConfig(schedule_jitter=-1)
 
 
 def _g2rpo_rollout(policy, cfg, seed):
@@ -213,7 +218,8 @@ def _cfg(model, out, evalf, iterations, **kw):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(tiny_model, tmp_path, eval_file):
-    sched = dict(lr_schedule="linear", lr_final=0.25, max_minutes=0)  # the decay is set by the run's iteration budget
+    # the decay is set by the run's iteration budget; the rollout schedule's offsets come from the saved RNG
+    sched = dict(lr_schedule="linear", lr_final=0.25, max_minutes=0, schedule_jitter=2)
     straight = train(_cfg(tiny_model, tmp_path / "a", eval_file, 3, **sched))
     train(_cfg(tiny_model, tmp_path / "b", eval_file, 1, **sched))
     resumed = train(_cfg(tiny_model, tmp_path / "b", eval_file, 3, **sched))
