@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class TrainConfig:
     height: int = opt(0, "image height; 0 = the model's native size")
     width: int = opt(0, "image width; 0 = the model's native size")
     lora_rank: int = opt(0, "LoRA rank of the transformer's attention projections; 0 = full fine-tuning")
+    trainable: str = opt("", "full fine-tuning of only the transformer parameters whose names match this regex "
+                             "(e.g. 'context_embedder|text_embedder'); '' = all")
     precision: str = opt("fp32", "rollouts and updates: fp32, or bf16 autocast of the transformer (evaluation stays fp32)")
     prompts: str = opt("shapes:train", "training prompts: shapes:train, or a .jsonl (GenEval metadata) / .txt file")
     eval_prompts: str = opt("shapes:test", "evaluation prompts (GenEval metadata gives accuracy, else the mean reward)")
@@ -136,6 +139,14 @@ class TrainConfig:
             raise ConfigError(f"schedule_jitter must be >= 0 (0 = the fixed grid), got {self.schedule_jitter}")
         if self.noise_freqs < 0:
             raise ConfigError(f"noise_freqs must be >= 0 (0 = white noise), got {self.noise_freqs}")
+        if self.trainable and self.lora_rank:
+            raise ConfigError(f"trainable={self.trainable!r} selects parameters for full fine-tuning; "
+                              f"with lora_rank={self.lora_rank} only the LoRA adapters train")
+        if self.trainable:
+            try:
+                re.compile(self.trainable)
+            except re.error as e:
+                raise ConfigError(f"trainable={self.trainable!r} is not a regular expression: {e}") from e
         if self.antithetic and self.group_size % 2:
             raise ConfigError(f"antithetic noise pairs the members of a group: group_size={self.group_size} must be even")
         if self.batch_size % self.micro_batch:

@@ -41,6 +41,8 @@ def load_policy(cfg: TrainConfig) -> FlowPolicy:
     policy.autocast = AUTOCAST[cfg.precision]
     if cfg.lora_rank:
         policy.add_lora(cfg.lora_rank, seed=cfg.seed)
+    if cfg.trainable:
+        policy.train_only(cfg.trainable)
     if cfg.beta > 0:
         policy.freeze_reference()  # the base weights, before any checkpoint is restored
     return policy

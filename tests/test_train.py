@@ -210,6 +210,34 @@ def test_beta_zero_never_builds_the_reference_and_kl_starts_at_zero(tiny_model):
     assert policy2._reference is not None and stats["kl"] == pytest.approx(0.0, abs=1e-12)  # one step: policy == ref
 
 
+def test_train_only_updates_the_matching_parameters_and_nothing_else(tiny_model, tmp_path, eval_file):
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+    names = policy.train_only(r"context_embedder|text_embedder")
+    assert names == ["time_text_embed.text_embedder.linear_1.weight", "time_text_embed.text_embedder.linear_1.bias",
+                     "time_text_embed.text_embedder.linear_2.weight", "time_text_embed.text_embedder.linear_2.bias",
+                     "context_embedder.weight", "context_embedder.bias"]
+    before = {n: p.detach().clone() for n, p in policy.transformer.named_parameters()}
+    params = policy.trainable_parameters()
+    assert len(params) == 6
+    ro = _rollout(policy, torch.Generator().manual_seed(3))
+    adv = compute_advantages("grpo", torch.rand(8, generator=torch.Generator().manual_seed(1)), ro.group_ids)
+    grpo_update(policy, torch.optim.AdamW(params, lr=1e-2), params, ro, adv, torch.arange(4),
+                TrainConfig(prompts_per_iter=2, group_size=4, micro_batch=4, beta=0.1))
+    changed = {n for n, p in policy.transformer.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(names)
+    # a run saves and restores just that subset
+    train(_cfg(tiny_model, tmp_path / "run", eval_file, 1, trainable="context_embedder"))
+    assert set(load_file(tmp_path / "run" / "checkpoint" / "weights.safetensors")) == {
+        "context_embedder.weight", "context_embedder.bias"}
+    assert train(_cfg(tiny_model, tmp_path / "run", eval_file, 2, trainable="context_embedder"))["iterations"] == 2
+    with pytest.raises(ValueError, match="matches no transformer parameter"):
+        FlowPolicy.from_pretrained(tiny_model).train_only("text_encoder")
+    with pytest.raises(ConfigError, match="is not a regular expression"):
+        TrainConfig(trainable="(")
+    with pytest.raises(ConfigError, match="only the LoRA adapters train"):
+        TrainConfig(trainable="proj_out", lora_rank=4)
+
+
 def _cfg(model, out, evalf, iterations, **kw):
     return TrainConfig(model=str(model), out=str(out), eval_prompts=evalf, iterations=iterations, prompts_per_iter=2,
                        group_size=4, micro_batch=4, num_steps=3, eval_num_steps=3, eval_images_per_prompt=1,

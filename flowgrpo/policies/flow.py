@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class FlowPolicy:
         self._cache: dict[str, Cond] = {}
         self._negative: Cond | None = None
         self._reference = None
+        self._train_only = False  # train_only() chose a subset of the transformer's parameters
         self.autocast: torch.dtype | None = None  # transformer compute dtype under torch.autocast; None = its own
         for module in (getattr(pipe, n, None) for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")):
             if module is not None:
@@ -130,8 +132,26 @@ class FlowPolicy:
     def uses_lora(self) -> bool:
         return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
 
+    def train_only(self, pattern: str) -> list[str]:
+        """Full fine-tuning of the transformer parameters whose names match the regex `pattern` (re.search);
+        the rest stay frozen. Returns the names selected."""
+        if self.uses_lora:
+            raise ValueError("train_only selects parameters for full fine-tuning; with LoRA only the adapters train")
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"trainable pattern {pattern!r} is not a regular expression: {e}") from e
+        names = [n for n, _ in self.transformer.named_parameters() if regex.search(n)]
+        if not names:
+            raise ValueError(f"trainable pattern {pattern!r} matches no transformer parameter "
+                             f"(e.g. {next(iter(dict(self.transformer.named_parameters())))})")
+        for n, p in self.transformer.named_parameters():
+            p.requires_grad_(n in names)
+        self._train_only = True
+        return names
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        if not self.uses_lora:
+        if not self.uses_lora and not self._train_only:
             self.transformer.requires_grad_(True)
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
