@@ -7,6 +7,8 @@ import torch
 from flowgrpo.rewards.base import Reward
 from flowgrpo.shapes.verify import verify
 
+MODES = ("partial", "gated", "strict")
+
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     """[B, 3, H, W] floats in [0, 1] -> uint8 [H, W, 3] arrays."""
@@ -24,8 +26,23 @@ def form(dets) -> float:
     return float(np.mean([d.iou if d.shape else 0.0 for d in dets])) if dets else 0.0
 
 
+def gated_score(requirements) -> float:
+    """Fraction of requirements met, where the image-wide ones (no extra objects, no malformed objects; item -1)
+    count only once everything the prompt asks for is there.
+
+    The plain fraction pays for drawing less: one clean object for "a circle and a square" scores 2/3 (presence,
+    quality), two clean circles for "three circles" 2/3 (fewer than four, quality), an empty image 1/2 for "a
+    circle" — more than most honest attempts at the harder layout. Gated, those score 1/3, 0 and 0.
+    """
+    asked = [r.ok for r in requirements if r.item >= 0]
+    extra = [r.ok for r in requirements if r.item < 0]
+    return (sum(asked) + (sum(extra) if all(asked) else 0)) / len(requirements)
+
+
 class ShapesReward(Reward):
-    """`partial`: fraction of the entry's requirements met (dense); `strict`: 1 if all are met (GenEval accuracy).
+    """`partial`: fraction of the entry's requirements met (dense); `gated`: the same, but "no extra objects" and
+    "no malformed objects" count only once all asked-for objects are right (`gated_score`); `strict`: 1 if all
+    are met (GenEval accuracy).
 
     `form_weight` > 0 adds that weight times `form` (the objects' mean template IoU) to either score.
     """
@@ -34,8 +51,8 @@ class ShapesReward(Reward):
 
     def __init__(self, mode: str = "partial", form_weight: float = 0.0) -> None:
         super().__init__()
-        if mode not in ("partial", "strict"):
-            raise ValueError(f"ShapesReward mode must be 'partial' or 'strict', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"ShapesReward mode must be one of {MODES}, got {mode!r}")
         if not 0 <= form_weight <= 1:
             raise ValueError(f"ShapesReward form_weight must be in [0, 1], got {form_weight}")
         self.mode = mode
@@ -47,7 +64,7 @@ class ShapesReward(Reward):
             if "include" not in meta:
                 raise ValueError(f"the shapes reward needs GenEval metadata ('include') for prompt {meta.get('prompt')!r}")
             v = verify(img, meta)
-            base = v.score if self.mode == "partial" else float(v.passed)
+            base = {"partial": v.score, "gated": gated_score(v.requirements), "strict": float(v.passed)}[self.mode]
             out.append(base + self.form_weight * form(v.detections))
         return torch.tensor(out)
 

@@ -138,3 +138,33 @@ def test_render_rejects_impossible_entries():
         render({"tag": "counting", "prompt": "five", "include": [{"class": "circle", "count": 5}]}, np.random.default_rng(0))
     with pytest.raises(ValueError, match="uint8"):
         detect(np.zeros((32, 32, 3), np.float32))
+
+
+def test_gated_score_stops_paying_for_drawing_less():
+    def entry(prompt):
+        return next(e for e in all_prompts() if e["prompt"] == prompt)
+
+    def draw(*objects):
+        img = _canvas()
+        for shape, cx, cy in objects:
+            img[shape_mask(shape, cx, cy)] = W.COLORS["red"]
+        return img
+
+    pair, three, circle = entry("a photo of a circle and a square"), entry("a photo of three circles"), entry("a photo of a circle")
+    bar = draw(("circle", 8, 8))
+    bar[22:26, 4:28] = W.COLORS["green"]  # a malformed blob beside the circle
+    cases = [  # (image, entry, partial, gated): requirement counts in the comments
+        (draw(("circle", 8, 8)), pair, 2 / 3, 1 / 3),  # presence x2 + quality: the square is missing
+        (bar, pair, 1 / 3, 1 / 3),  # an attempt that failed: the circle only
+        (draw(("circle", 8, 8), ("square", 22, 22)), pair, 1.0, 1.0),
+        (draw(("circle", 8, 8), ("circle", 24, 8)), three, 2 / 3, 0.0),  # count, fewer than 4, quality
+        (draw(("circle", 6, 6), ("circle", 24, 6), ("circle", 6, 24), ("circle", 24, 24)), three, 2 / 3, 2 / 3),
+        (_canvas(), circle, 1 / 2, 0.0),  # empty: presence fails, "no malformed objects" holds
+    ]
+    images = torch.from_numpy(np.stack([c[0] for c in cases])).permute(0, 3, 1, 2).float() / 255
+    metas = [c[1] for c in cases]
+    args = (images, [m["prompt"] for m in metas], metas)
+    assert build_reward("shapes")(*args).tolist() == pytest.approx([c[2] for c in cases])
+    assert build_reward("shapes", mode="gated")(*args).tolist() == pytest.approx([c[3] for c in cases])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        build_reward("shapes", mode="lenient")
