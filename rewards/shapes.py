@@ -7,8 +7,6 @@ import torch
 from flowgrpo.rewards.base import Reward
 from flowgrpo.shapes.verify import verify
 
-MODES = ("partial", "gated", "strict")
-
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     """[B, 3, H, W] floats in [0, 1] -> uint8 [H, W, 3] arrays."""
@@ -39,6 +37,12 @@ def gated_score(requirements) -> float:
     return (sum(asked) + (sum(extra) if all(asked) else 0)) / len(requirements)
 
 
+# mode -> the score of one verifier verdict
+SCORES = {"partial": lambda v: v.score, "gated": lambda v: gated_score(v.requirements),
+          "strict": lambda v: float(v.passed)}
+MODES = tuple(SCORES)
+
+
 class ShapesReward(Reward):
     """`partial`: fraction of the entry's requirements met (dense); `gated`: the same, but "no extra objects" and
     "no malformed objects" count only once all asked-for objects are right (`gated_score`); `strict`: 1 if all
@@ -64,8 +68,7 @@ class ShapesReward(Reward):
             if "include" not in meta:
                 raise ValueError(f"the shapes reward needs GenEval metadata ('include') for prompt {meta.get('prompt')!r}")
             v = verify(img, meta)
-            base = {"partial": v.score, "gated": gated_score(v.requirements), "strict": float(v.passed)}[self.mode]
-            out.append(base + self.form_weight * form(v.detections))
+            out.append(SCORES[self.mode](v) + self.form_weight * form(v.detections))
         return torch.tensor(out)
 
 

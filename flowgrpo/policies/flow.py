@@ -144,7 +144,7 @@ class FlowPolicy:
         names = [n for n, _ in self.transformer.named_parameters() if regex.search(n)]
         if not names:
             raise ValueError(f"trainable pattern {pattern!r} matches no transformer parameter "
-                             f"(e.g. {next(iter(dict(self.transformer.named_parameters())))})")
+                             f"(e.g. {next(self.transformer.named_parameters())[0]})")
         for n, p in self.transformer.named_parameters():
             p.requires_grad_(n in names)
         self._train_only = True
