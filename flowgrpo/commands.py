@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from flowgrpo.config import make_config, overrides_from_args
+    from flowgrpo.config import ConfigError, make_config, overrides_from_args
+    from flowgrpo.prompts.loaders import PromptFileError
     from flowgrpo.train import train
 
-    cfg = make_config(args.preset, args.config, overrides_from_args(args))
-    train(cfg)
+    try:
+        train(make_config(args.preset, args.config, overrides_from_args(args)))
+    except (ConfigError, PromptFileError) as err:
+        print(f"flowgrpo train: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -16,6 +16,7 @@ import yaml
 from flowgrpo.assets import SHAPES_MODEL
 from flowgrpo.core import ADVANTAGES, AGGREGATIONS, TRACKED_ESTIMATORS
 from flowgrpo.rewards import REWARDS
+from flowgrpo.rewards.base import UnknownNameError, check_options
 
 SDE_KINDS = ("flow_grpo", "dance", "cps")
 STRATEGIES = ("flow_grpo", "g2rpo")
@@ -162,6 +163,12 @@ class TrainConfig:
         for name in ("clip_low", "clip_high", "beta", "lr", "noise_level", "adv_clip", "max_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        try:  # a misspelt option should stop the run before the model loads, not after
+            check_options("reward", self.reward, self.reward_options)
+            if self.judge:
+                check_options("judge", self.judge, self.judge_options)
+        except (UnknownNameError, TypeError) as e:
+            raise ConfigError(str(e)) from e
 
     @property
     def batch_size(self) -> int:

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from flowgrpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from flowgrpo.config import TrainConfig
+from flowgrpo.config import ConfigError, TrainConfig
 from flowgrpo.core import TRACKED_ESTIMATORS, AdvantageResult, compute_advantages
 from flowgrpo.ema import WeightEMA
 from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, report_markdown, write_report
@@ -119,6 +119,12 @@ def _run_eval(policy, entries, cfg, out, name, reward_fn):
 
 
 def train(cfg: TrainConfig) -> dict:
+    try:  # option values are checked by the constructors: report them as the config errors they are
+        reward_fn = build_reward(cfg.reward, **cfg.reward_options)
+        judge = build_judge(cfg.judge, **cfg.judge_options) if cfg.judge else None
+    except ValueError as e:
+        raise ConfigError(f"reward/judge options: {e}") from e
+    train_entries, eval_entries = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     accel = Accelerator(log_with=cfg.log_with or None, project_dir=str(out))
@@ -130,9 +136,6 @@ def train(cfg: TrainConfig) -> dict:
     policy = load_policy(cfg)
     params = policy.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    reward_fn = build_reward(cfg.reward, **cfg.reward_options)
-    judge = build_judge(cfg.judge, **cfg.judge_options) if cfg.judge else None
-    train_entries, eval_entries = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)
     ckpt = out / "checkpoint"
     ema = WeightEMA(policy.transformer, cfg.ema_decay) if cfg.ema_decay else None
     if cfg.resume and ckpt.exists():

@@ -186,7 +186,8 @@ JUDGES: dict[str, Callable[..., PairwiseJudge]] = {
 }
 
 
-def _build(registry: dict[str, Callable[..., Any]], kind: str, name: str, config: dict[str, Any]) -> Any:
+def _constructor(registry: dict[str, Callable[..., Any]], kind: str, name: str, config: dict[str, Any]) -> Callable[..., Any]:
+    """The registered constructor of ``name``, once its options are known to fit its signature."""
     if name not in registry:
         known = ", ".join(sorted(registry))
         raise UnknownNameError(f"unknown {kind} {name!r}; known {kind}s: {known}")
@@ -202,17 +203,22 @@ def _build(registry: dict[str, Callable[..., Any]], kind: str, name: str, config
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in config]
     if missing:
         raise TypeError(f"{kind} {name!r} needs option(s) {missing}; accepted options: {accepted}")
-    return ctor(**config)
+    return ctor
+
+
+def check_options(kind: str, name: str, config: dict[str, Any]) -> None:
+    """Check that ``kind`` ('reward' or 'judge') ``name`` exists and takes ``config``, without building it."""
+    _constructor({"reward": REWARDS, "judge": JUDGES}[kind], kind, name, config)
 
 
 def build_reward(name: str, **config: Any) -> RewardFn:
     """Build the registered pointwise reward ``name`` from its config options."""
-    return _build(REWARDS, "reward", name, config)
+    return _constructor(REWARDS, "reward", name, config)(**config)
 
 
 def build_judge(name: str, **config: Any) -> PairwiseJudge:
     """Build the registered pairwise judge ``name`` from its config options."""
-    return _build(JUDGES, "judge", name, config)
+    return _constructor(JUDGES, "judge", name, config)(**config)
 
 
 def register_reward(name: str, constructor: Callable[..., RewardFn], *, overwrite: bool = False) -> None:

@@ -321,6 +321,24 @@ def test_learning_rate_schedules_by_hand():
         TrainConfig(lr_final=1.5)
 
 
+def test_bad_reward_options_and_prompt_files_stop_train_before_it_touches_the_run(tmp_path, capsys):
+    from flowgrpo.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # an earlier run's config must survive a mistyped command
+    cases = [(["--reward-options", "{mode:strict}"], "reward 'shapes' got unknown option(s) ['mode:strict']; accepted options: mode, form_weight"),
+             (["--reward-options", "{mode: strcit}"], "ShapesReward mode must be one of ('partial', 'gated', 'strict'), got 'strcit'"),
+             (["--judge", "shapes", "--judge-options", "{temp: 1}"], "judge 'shapes' got unknown option(s) ['temp']"),
+             (["--reward", "clip"], "unknown reward 'clip'; known rewards: aesthetic, clipscore,"),
+             (["--prompts", str(tmp_path / "missing.txt")], "prompt file not found")]
+    for extra, message in cases:
+        assert main(["train", "--out", str(run), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flowgrpo train: error: ") and message in err and "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"] and (run / "config.json").read_text() == "{}"
+
+
 def test_config_validation_names_the_numbers(tmp_path):
     with pytest.raises(ConfigError, match=r"12 x 8 = 96 is not a multiple of micro_batch=20"):
         TrainConfig(micro_batch=20)
