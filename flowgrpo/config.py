@@ -17,6 +17,7 @@ from flowgrpo.assets import SHAPES_MODEL
 from flowgrpo.core import ADVANTAGES, AGGREGATIONS, TRACKED_ESTIMATORS
 from flowgrpo.rewards import REWARDS
 from flowgrpo.rewards.base import UnknownNameError, check_options
+from flowgrpo.shapes.world import TAGS
 
 SDE_KINDS = ("flow_grpo", "dance", "cps")
 STRATEGIES = ("flow_grpo", "g2rpo")
@@ -57,6 +58,8 @@ class TrainConfig:
     seed: int = opt(0, "seed of every random stream (prompts, rollout noise, evaluation noise)")
     # rollouts
     prompts_per_iter: int = opt(12, "prompts per iteration (per process)")
+    tag_weights: dict = opt(factory=dict, help="tagged prompts: sampling weight of each tag (1 when unlisted), "
+                                               "e.g. {counting: 2}; {} = every tag equally often")
     group_size: int = opt(8, "samples per prompt (G)")
     micro_batch: int = opt(24, "samples per forward pass; must divide prompts_per_iter x group_size")
     num_steps: int = opt(10, "sampling steps of rollouts (denoising reduction: fewer than eval_num_steps)")
@@ -163,6 +166,12 @@ class TrainConfig:
         for name in ("clip_low", "clip_high", "beta", "lr", "noise_level", "adv_clip", "max_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        unknown_tags = sorted(set(self.tag_weights) - set(TAGS))
+        if unknown_tags:
+            raise ConfigError(f"tag_weights: unknown tag(s) {unknown_tags}; tags are {', '.join(TAGS)}")
+        bad = {t: w for t, w in self.tag_weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0}
+        if bad:
+            raise ConfigError(f"tag_weights must be positive numbers, got {bad}")
         try:  # a misspelt option should stop the run before the model loads, not after
             check_options("reward", self.reward, self.reward_options)
             if self.judge:

@@ -88,9 +88,9 @@ def granular_advantages(cfg: TrainConfig, policy: FlowPolicy, ro, rewards: torch
 
 
 def sample_groups(entries: list[dict], cfg: TrainConfig, rng: np.random.Generator, process_index: int):
-    """prompts_per_iter entries (tag-balanced when entries have tags), each repeated group_size times."""
+    """prompts_per_iter entries (tag-balanced, or tag-weighted, when entries have tags), each repeated group_size times."""
     if all("tag" in e for e in entries):
-        idx = tag_balanced_indices(entries, cfg.prompts_per_iter, rng)
+        idx = tag_balanced_indices(entries, cfg.prompts_per_iter, rng, cfg.tag_weights)
     else:
         idx = rng.integers(len(entries), size=cfg.prompts_per_iter)
     picked = [entries[i] for i in idx for _ in range(cfg.group_size)]

@@ -321,6 +321,27 @@ def test_learning_rate_schedules_by_hand():
         TrainConfig(lr_final=1.5)
 
 
+def test_tag_weights_set_how_often_each_tag_is_drawn():
+    import numpy as np
+
+    from flowgrpo.train import sample_groups
+
+    train_entries = load_split("train")
+    cfg = TrainConfig(prompts_per_iter=8000, group_size=2, micro_batch=16)
+    tags = lambda c, seed: [e["tag"] for e in sample_groups(train_entries, c, np.random.default_rng(seed), 0)[0][::2]]
+    uniform = tags(cfg, 0)
+    assert uniform.count("counting") / 8000 == pytest.approx(1 / 6, abs=0.02)  # binomial SE 0.004
+    weighted = tags(replace(cfg, tag_weights={"counting": 3, "colors": 0.5}), 0)
+    assert weighted.count("counting") / 8000 == pytest.approx(3 / 7.5, abs=0.02)
+    assert weighted.count("colors") / 8000 == pytest.approx(0.5 / 7.5, abs=0.02)
+    assert weighted.count("position") / 8000 == pytest.approx(1 / 7.5, abs=0.02)
+    assert tags(replace(cfg, tag_weights={}), 5) == tags(cfg, 5)  # no weights: the same draws as before the option
+    with pytest.raises(ConfigError, match=r"tag_weights: unknown tag\(s\) \['count'\]; tags are single_object"):
+        make_config("shapes", overrides={"tag_weights": "{count: 3}"})
+    with pytest.raises(ConfigError, match="tag_weights must be positive numbers, got {'counting': 0}"):
+        make_config("shapes", overrides={"tag_weights": "{counting: 0}"})
+
+
 def test_bad_reward_options_and_prompt_files_stop_train_before_it_touches_the_run(tmp_path, capsys):
     from flowgrpo.cli import main
 

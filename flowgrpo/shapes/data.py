@@ -8,11 +8,17 @@ from flowgrpo.shapes import world as W
 from flowgrpo.shapes.render import render
 
 
-def tag_balanced_indices(entries: list[dict], n: int, rng: np.random.Generator) -> np.ndarray:
-    """n entry indices: a uniform tag, then a uniform entry of that tag."""
-    by_tag = [np.array([i for i, e in enumerate(entries) if e["tag"] == t]) for t in W.TAGS]
-    by_tag = [ix for ix in by_tag if len(ix)]
-    tags = rng.integers(len(by_tag), size=n)
+def tag_balanced_indices(entries: list[dict], n: int, rng: np.random.Generator,
+                         weights: dict[str, float] | None = None) -> np.ndarray:
+    """n entry indices: a tag (uniform, or in proportion to ``weights``, 1 for unlisted tags), then a uniform
+    entry of that tag."""
+    present = [t for t in W.TAGS if any(e["tag"] == t for e in entries)]
+    by_tag = [np.array([i for i, e in enumerate(entries) if e["tag"] == t]) for t in present]
+    if weights:
+        p = np.array([weights.get(t, 1.0) for t in present], dtype=float)
+        tags = rng.choice(len(by_tag), size=n, p=p / p.sum())
+    else:
+        tags = rng.integers(len(by_tag), size=n)
     return np.array([by_tag[t][rng.integers(len(by_tag[t]))] for t in tags])
 
 
