@@ -17,6 +17,8 @@ from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.shapes import world as W
 from flowgrpo.shapes.verify import REQUIREMENT_KINDS, background_noise, verify
 
+COUNT_ERRORS = ("-2", "-1", "0", "+1", "+2")
+
 
 @dataclass
 class GenevalResult:
@@ -29,6 +31,8 @@ class GenevalResult:
     diversity: float  # mean pixel distance between images of the same prompt (0-255); a collapse lowers it
     # per tag: fraction of images failing each requirement kind (presence, count, color, position, quality)
     failures: dict[str, dict[str, float]]
+    # counting entries: fraction of images per "drawn - asked" objects of the asked class ("-2" = two or more too few)
+    count_errors: dict[str, float]
     images: list[np.ndarray]
     entries: list[dict]
     passed: list[bool]
@@ -36,7 +40,7 @@ class GenevalResult:
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "stderr": self.stderr, "n_images": self.n_images,
                 "malformed": self.malformed, "empty": self.empty, "background_noise": self.background_noise,
-                "diversity": self.diversity, "failures": self.failures}
+                "diversity": self.diversity, "failures": self.failures, "count_errors": self.count_errors}
 
 
 def check_shapes_metadata(entries: list[dict]) -> None:
@@ -64,9 +68,12 @@ def score_images(images: list[np.ndarray], entries: list[dict]) -> GenevalResult
     passed, per_tag = [], defaultdict(list)
     failed: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     malformed = empty = 0
-    noise = []
+    noise, count_errors = [], []
     for img, e in zip(images, entries):
         v = verify(img, e)
+        if e["tag"] == "counting":
+            item = e["include"][0]
+            count_errors.append(sum(d.shape == item["class"] for d in v.detections) - item["count"])
         passed.append(v.passed)
         per_tag[e["tag"]].append(v.passed)
         for kind in {r.kind for r in v.requirements if not r.ok}:
@@ -80,9 +87,11 @@ def score_images(images: list[np.ndarray], entries: list[dict]) -> GenevalResult
     # Tags are independent samples, so the overall's variance is the mean of their variances / n_tags.
     se["overall"] = float(math.sqrt(sum(s**2 for t, s in se.items() if t != "overall")) / len(per_tag))
     failures = {t: {k: n / len(per_tag[t]) for k, n in sorted(kinds.items())} for t, kinds in failed.items()}
+    clipped = [f"{max(-2, min(2, d)):+d}" if d else "0" for d in count_errors]
+    count_hist = {k: clipped.count(k) / len(clipped) for k in COUNT_ERRORS} if clipped else {}
     return GenevalResult(acc, se, {t: len(p) for t, p in per_tag.items()}, malformed / len(images),
                          empty / len(images), float(np.mean(noise)), prompt_diversity(images, entries), failures,
-                         images, entries, passed)
+                         count_hist, images, entries, passed)
 
 
 @torch.no_grad()
@@ -126,9 +135,24 @@ def failure_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def count_error_table(results: dict[str, dict]) -> str:
+    """Counting prompts: % of images drawing that many more (+) or fewer (-) objects of the asked class than asked;
+    "+2" / "-2" include larger errors. Shows whether a model over- or under-draws, which accuracy alone hides."""
+    lines = ["| model | " + " | ".join(COUNT_ERRORS) + " |", "|" + "---|" * (len(COUNT_ERRORS) + 1)]
+    for name, r in results.items():
+        if r.get("count_errors"):  # absent in results written before the table existed
+            lines.append(f"| {name} | " + " | ".join(f"{100 * r['count_errors'][k]:.1f}%" for k in COUNT_ERRORS) + " |")
+    return "\n".join(lines)
+
+
 def report_markdown(results: dict[str, dict]) -> str:
-    """The accuracy table, then the failed-requirements table, of `GenevalResult.summary()`s."""
-    return markdown_table(results) + "\n\nFailed requirements (% of images):\n\n" + failure_table(results) + "\n"
+    """The accuracy table, the failed-requirements table and, with counting prompts, the count-error table of
+    `GenevalResult.summary()`s."""
+    text = markdown_table(results) + "\n\nFailed requirements (% of images):\n\n" + failure_table(results) + "\n"
+    if any(r.get("count_errors") for r in results.values()):
+        text += "\nCounting prompts, objects of the asked class drawn minus asked (% of images):\n\n"
+        text += count_error_table(results) + "\n"
+    return text
 
 
 def write_report(result: GenevalResult, out: str | Path, *, name: str = "model", grid_per_tag: int = 8) -> Path:

@@ -4,7 +4,7 @@ import json
 import numpy as np
 
 from flowgrpo.cli import main
-from flowgrpo.eval.geneval import markdown_table, prompt_diversity, score_images, write_report
+from flowgrpo.eval.geneval import markdown_table, prompt_diversity, report_markdown, score_images, write_report
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.shapes.render import render
 
@@ -31,6 +31,23 @@ def test_score_images_per_tag_and_overall(tmp_path):
     report = (out / "report.md").read_text()
     assert f"| gt | colors | {100 / n_col:.0f}% | 0% | {100 / n_col:.0f}% | 0% | 0% |" in report
     assert "| gt | counting | 0% | 0% | 0% | 0% | 0% |" in report
+
+
+def test_count_errors_say_whether_counting_images_draw_too_many_or_too_few():
+    counting = [e for e in load_split("test") if e["tag"] == "counting"]
+    ask = {n: next(e for e in counting if e["include"][0] == {"class": "circle", "count": n}) for n in (2, 3, 4)}
+    rng = np.random.default_rng(1)
+    # images drawn for 3, 4, 2 and 4 circles, scored against prompts asking 2, 2, 4 and 4 circles
+    images = [render(ask[drawn], rng) for drawn in (3, 4, 2, 4)]
+    entries = [ask[2], ask[2], ask[4], ask[4]]
+    r = score_images(images, entries)
+    assert r.count_errors == {"-2": 0.25, "-1": 0.0, "0": 0.25, "+1": 0.25, "+2": 0.25}
+    assert r.accuracy["counting"] == 0.25
+    text = report_markdown({"m": r.summary(), "old": {**r.summary(), "count_errors": {}}})
+    rows = text.split("drawn minus asked")[1]
+    assert "| m | 25.0% | 0.0% | 25.0% | 25.0% | 25.0% |" in rows and "| old |" not in rows
+    colors = [e for e in load_split("test") if e["tag"] == "colors"][:2]
+    assert score_images([render(e, rng) for e in colors], colors).count_errors == {}  # no counting prompts
 
 
 def test_prompt_diversity_is_the_mean_pixel_distance_within_each_prompt():
