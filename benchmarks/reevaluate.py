@@ -24,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", metavar="NAME=DIR")
     ap.add_argument("--metadata", default="shapes:test")
+    ap.add_argument("--tags", nargs="*", default=None, help="evaluate only the entries of these tags")
     ap.add_argument("--n", type=int, default=4, help="images per entry")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.5)
@@ -34,7 +35,9 @@ def main() -> None:
     pairs = [m.split("=", 1) for m in args.models]
     if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
         ap.error("models must be given as NAME=DIR")
-    entries = load_prompts(args.metadata)
+    entries = [e for e in load_prompts(args.metadata) if args.tags is None or e.get("tag") in args.tags]
+    if not entries:
+        ap.error(f"no entries of tags {args.tags} in {args.metadata}")
     results = {}
     for name, path in pairs:
         policy = load_policy_for_sampling(path, lora=None, batch=args.batch)
