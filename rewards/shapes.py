@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from flowgrpo.rewards.base import Reward
-from flowgrpo.shapes.verify import verify
+from flowgrpo.shapes.verify import Requirement, verify
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -37,9 +37,21 @@ def gated_score(requirements) -> float:
     return (sum(asked) + (sum(extra) if all(asked) else 0)) / len(requirements)
 
 
-# mode -> the score of one verifier verdict
-SCORES = {"partial": lambda v: v.score, "gated": lambda v: gated_score(v.requirements),
-          "strict": lambda v: float(v.passed)}
+def no_extra_objects(verdict, meta: dict) -> Requirement:
+    """Image-wide: no more well-formed objects than the prompt asks for in total.
+
+    GenEval's rule (and `verify`) only asks for "at least" the named objects outside counting prompts, so a policy
+    trained on it gains by drawing spares: a third object raises the odds that both of "a circle and a square"
+    appear, and the habit carries over to "two circles" (drawn as three). Rendered ground truth never has spares.
+    """
+    asked = sum(int(item.get("count", 1)) for item in meta["include"])
+    drawn = sum(d.shape is not None for d in verdict.detections)
+    return Requirement("count", f"at most {asked} objects", drawn <= asked, -1)
+
+
+# mode -> the score of one image's requirement list
+SCORES = {"partial": lambda reqs: sum(r.ok for r in reqs) / len(reqs), "gated": gated_score,
+          "strict": lambda reqs: float(all(r.ok for r in reqs))}
 MODES = tuple(SCORES)
 
 
@@ -49,18 +61,22 @@ class ShapesReward(Reward):
     are met (GenEval accuracy).
 
     `form_weight` > 0 adds that weight times `form` (the objects' mean template IoU) to either score.
+    `exact` adds the requirement `no_extra_objects` to every entry (training only: evaluation keeps GenEval's rule).
     """
 
     name = "shapes"
 
-    def __init__(self, mode: str = "partial", form_weight: float = 0.0) -> None:
+    def __init__(self, mode: str = "partial", form_weight: float = 0.0, exact: bool = False) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"ShapesReward mode must be one of {MODES}, got {mode!r}")
         if not 0 <= form_weight <= 1:
             raise ValueError(f"ShapesReward form_weight must be in [0, 1], got {form_weight}")
+        if not isinstance(exact, bool):
+            raise ValueError(f"ShapesReward exact must be true or false, got {exact!r}")
         self.mode = mode
         self.form_weight = form_weight
+        self.exact = exact
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         out = []
@@ -68,12 +84,13 @@ class ShapesReward(Reward):
             if "include" not in meta:
                 raise ValueError(f"the shapes reward needs GenEval metadata ('include') for prompt {meta.get('prompt')!r}")
             v = verify(img, meta)
-            out.append(SCORES[self.mode](v) + self.form_weight * form(v.detections))
+            reqs = v.requirements + [no_extra_objects(v, meta)] if self.exact else v.requirements
+            out.append(SCORES[self.mode](reqs) + self.form_weight * form(v.detections))
         return torch.tensor(out)
 
 
-def shapes_judge(temperature: float = 0.1, mode: str = "partial", form_weight: float = 0.0):
+def shapes_judge(temperature: float = 0.1, mode: str = "partial", form_weight: float = 0.0, exact: bool = False):
     """Pairwise Shapes comparator for Pref-GRPO: Bradley-Terry over the verifier's score."""
     from flowgrpo.rewards.pairwise import PointwiseAsPairwise
 
-    return PointwiseAsPairwise(ShapesReward(mode, form_weight), temperature)
+    return PointwiseAsPairwise(ShapesReward(mode, form_weight, exact), temperature)

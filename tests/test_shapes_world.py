@@ -168,3 +168,31 @@ def test_gated_score_stops_paying_for_drawing_less():
     assert build_reward("shapes", mode="gated")(*args).tolist() == pytest.approx([c[3] for c in cases])
     with pytest.raises(ValueError, match="mode must be one of"):
         build_reward("shapes", mode="lenient")
+
+
+def test_exact_reward_stops_paying_for_spare_objects():
+    def entry(prompt):
+        return next(e for e in all_prompts() if e["prompt"] == prompt)
+
+    def draw(*objects):
+        img = _canvas()
+        for shape, cx, cy in objects:
+            img[shape_mask(shape, cx, cy)] = W.COLORS["red"]
+        return img
+
+    pair, two = entry("a photo of a circle and a square"), entry("a photo of two circles")
+    cases = [  # (image, entry, partial, exact partial, exact gated, exact strict)
+        (draw(("circle", 8, 8), ("square", 22, 22), ("circle", 24, 6)), pair, 1.0, 3 / 4, 3 / 4, 0.0),  # a spare circle
+        (draw(("circle", 8, 8), ("square", 22, 22)), pair, 1.0, 1.0, 1.0, 1.0),
+        # at least 2, fewer than 3 (fails), quality; exact adds "at most 2 objects" (fails)
+        (draw(("circle", 6, 6), ("circle", 24, 6), ("circle", 6, 24)), two, 2 / 3, 2 / 4, 2 / 4, 0.0),
+        (draw(("circle", 8, 8)), pair, 2 / 3, 3 / 4, 1 / 4, 0.0),  # a missing object is no spare
+    ]
+    images = torch.from_numpy(np.stack([c[0] for c in cases])).permute(0, 3, 1, 2).float() / 255
+    metas = [c[1] for c in cases]
+    args = (images, [m["prompt"] for m in metas], metas)
+    assert all(verify(c[0], c[1]).passed == (c[2] == 1.0) for c in cases)  # evaluation keeps GenEval's rule
+    for col, kw in enumerate([{}, {"exact": True}, {"mode": "gated", "exact": True}, {"mode": "strict", "exact": True}]):
+        assert build_reward("shapes", **kw)(*args).tolist() == pytest.approx([c[2 + col] for c in cases]), kw
+    with pytest.raises(ValueError, match="exact must be true or false"):
+        build_reward("shapes", exact="yes")

@@ -348,7 +348,7 @@ def test_bad_reward_options_and_prompt_files_stop_train_before_it_touches_the_ru
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")  # an earlier run's config must survive a mistyped command
-    cases = [(["--reward-options", "{mode:strict}"], "reward 'shapes' got unknown option(s) ['mode:strict']; accepted options: mode, form_weight"),
+    cases = [(["--reward-options", "{mode:strict}"], "reward 'shapes' got unknown option(s) ['mode:strict']; accepted options: mode, form_weight, exact"),
              (["--reward-options", "{mode: strcit}"], "ShapesReward mode must be one of ('partial', 'gated', 'strict'), got 'strcit'"),
              (["--judge", "shapes", "--judge-options", "{temp: 1}"], "judge 'shapes' got unknown option(s) ['temp']"),
              (["--reward", "clip"], "unknown reward 'clip'; known rewards: aesthetic, "),  # other tests register more
