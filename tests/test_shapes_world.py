@@ -140,30 +140,38 @@ def test_render_rejects_impossible_entries():
         detect(np.zeros((32, 32, 3), np.float32))
 
 
+def _entry(prompt):
+    return next(e for e in all_prompts() if e["prompt"] == prompt)
+
+
+def _draw(*objects):
+    """Red shapes at the given centres on an empty canvas."""
+    img = _canvas()
+    for shape, cx, cy in objects:
+        img[shape_mask(shape, cx, cy)] = W.COLORS["red"]
+    return img
+
+
+def _reward_args(cases):
+    """(images, prompts, metadata) of (image, entry, ...) cases, as a reward takes them."""
+    images = torch.from_numpy(np.stack([c[0] for c in cases])).permute(0, 3, 1, 2).float() / 255
+    return images, [c[1]["prompt"] for c in cases], [c[1] for c in cases]
+
+
 def test_gated_score_stops_paying_for_drawing_less():
-    def entry(prompt):
-        return next(e for e in all_prompts() if e["prompt"] == prompt)
-
-    def draw(*objects):
-        img = _canvas()
-        for shape, cx, cy in objects:
-            img[shape_mask(shape, cx, cy)] = W.COLORS["red"]
-        return img
-
-    pair, three, circle = entry("a photo of a circle and a square"), entry("a photo of three circles"), entry("a photo of a circle")
-    bar = draw(("circle", 8, 8))
+    pair, three = _entry("a photo of a circle and a square"), _entry("a photo of three circles")
+    circle = _entry("a photo of a circle")
+    bar = _draw(("circle", 8, 8))
     bar[22:26, 4:28] = W.COLORS["green"]  # a malformed blob beside the circle
     cases = [  # (image, entry, partial, gated): requirement counts in the comments
-        (draw(("circle", 8, 8)), pair, 2 / 3, 1 / 3),  # presence x2 + quality: the square is missing
+        (_draw(("circle", 8, 8)), pair, 2 / 3, 1 / 3),  # presence x2 + quality: the square is missing
         (bar, pair, 1 / 3, 1 / 3),  # an attempt that failed: the circle only
-        (draw(("circle", 8, 8), ("square", 22, 22)), pair, 1.0, 1.0),
-        (draw(("circle", 8, 8), ("circle", 24, 8)), three, 2 / 3, 0.0),  # count, fewer than 4, quality
-        (draw(("circle", 6, 6), ("circle", 24, 6), ("circle", 6, 24), ("circle", 24, 24)), three, 2 / 3, 2 / 3),
+        (_draw(("circle", 8, 8), ("square", 22, 22)), pair, 1.0, 1.0),
+        (_draw(("circle", 8, 8), ("circle", 24, 8)), three, 2 / 3, 0.0),  # count, fewer than 4, quality
+        (_draw(("circle", 6, 6), ("circle", 24, 6), ("circle", 6, 24), ("circle", 24, 24)), three, 2 / 3, 2 / 3),
         (_canvas(), circle, 1 / 2, 0.0),  # empty: presence fails, "no malformed objects" holds
     ]
-    images = torch.from_numpy(np.stack([c[0] for c in cases])).permute(0, 3, 1, 2).float() / 255
-    metas = [c[1] for c in cases]
-    args = (images, [m["prompt"] for m in metas], metas)
+    args = _reward_args(cases)
     assert build_reward("shapes")(*args).tolist() == pytest.approx([c[2] for c in cases])
     assert build_reward("shapes", mode="gated")(*args).tolist() == pytest.approx([c[3] for c in cases])
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -171,26 +179,15 @@ def test_gated_score_stops_paying_for_drawing_less():
 
 
 def test_exact_reward_stops_paying_for_spare_objects():
-    def entry(prompt):
-        return next(e for e in all_prompts() if e["prompt"] == prompt)
-
-    def draw(*objects):
-        img = _canvas()
-        for shape, cx, cy in objects:
-            img[shape_mask(shape, cx, cy)] = W.COLORS["red"]
-        return img
-
-    pair, two = entry("a photo of a circle and a square"), entry("a photo of two circles")
+    pair, two = _entry("a photo of a circle and a square"), _entry("a photo of two circles")
     cases = [  # (image, entry, partial, exact partial, exact gated, exact strict)
-        (draw(("circle", 8, 8), ("square", 22, 22), ("circle", 24, 6)), pair, 1.0, 3 / 4, 3 / 4, 0.0),  # a spare circle
-        (draw(("circle", 8, 8), ("square", 22, 22)), pair, 1.0, 1.0, 1.0, 1.0),
+        (_draw(("circle", 8, 8), ("square", 22, 22), ("circle", 24, 6)), pair, 1.0, 3 / 4, 3 / 4, 0.0),  # a spare circle
+        (_draw(("circle", 8, 8), ("square", 22, 22)), pair, 1.0, 1.0, 1.0, 1.0),
         # at least 2, fewer than 3 (fails), quality; exact adds "at most 2 objects" (fails)
-        (draw(("circle", 6, 6), ("circle", 24, 6), ("circle", 6, 24)), two, 2 / 3, 2 / 4, 2 / 4, 0.0),
-        (draw(("circle", 8, 8)), pair, 2 / 3, 3 / 4, 1 / 4, 0.0),  # a missing object is no spare
+        (_draw(("circle", 6, 6), ("circle", 24, 6), ("circle", 6, 24)), two, 2 / 3, 2 / 4, 2 / 4, 0.0),
+        (_draw(("circle", 8, 8)), pair, 2 / 3, 3 / 4, 1 / 4, 0.0),  # a missing object is no spare
     ]
-    images = torch.from_numpy(np.stack([c[0] for c in cases])).permute(0, 3, 1, 2).float() / 255
-    metas = [c[1] for c in cases]
-    args = (images, [m["prompt"] for m in metas], metas)
+    args = _reward_args(cases)
     assert all(verify(c[0], c[1]).passed == (c[2] == 1.0) for c in cases)  # evaluation keeps GenEval's rule
     for col, kw in enumerate([{}, {"exact": True}, {"mode": "gated", "exact": True}, {"mode": "strict", "exact": True}]):
         assert build_reward("shapes", **kw)(*args).tolist() == pytest.approx([c[2 + col] for c in cases]), kw
