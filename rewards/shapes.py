@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from flowgrpo.rewards.base import Reward
-from flowgrpo.shapes.verify import Requirement, verify
+from flowgrpo.shapes.verify import Requirement, spare_objects, verify
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -38,15 +38,10 @@ def gated_score(requirements) -> float:
 
 
 def no_extra_objects(verdict, meta: dict) -> Requirement:
-    """Image-wide: no more well-formed objects than the prompt asks for in total.
-
-    GenEval's rule (and `verify`) only asks for "at least" the named objects outside counting prompts, so a policy
-    trained on it gains by drawing spares: a third object raises the odds that both of "a circle and a square"
-    appear, and the habit carries over to "two circles" (drawn as three). Rendered ground truth never has spares.
-    """
+    """Image-wide: no more well-formed objects than the prompt asks for in total (`spare_objects`); rendered
+    ground truth never has spares."""
     asked = sum(int(item.get("count", 1)) for item in meta["include"])
-    drawn = sum(d.shape is not None for d in verdict.detections)
-    return Requirement("count", f"at most {asked} objects", drawn <= asked, -1)
+    return Requirement("count", f"at most {asked} objects", spare_objects(verdict.detections, meta) == 0, -1)
 
 
 # mode -> the score of one image's requirement list

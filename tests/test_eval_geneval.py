@@ -30,10 +30,11 @@ def test_score_images_per_tag_and_overall(tmp_path):
     assert (out / "grid.png").is_file() and "| gt |" in markdown_table({"gt": r.summary()})
     report = (out / "report.md").read_text()
     assert f"| gt | colors | {100 / n_col:.0f}% | 0% | {100 / n_col:.0f}% | 0% | 0% |" in report
-    assert "| gt | counting | 0% | 0% | 0% | 0% | 0% |" in report
+    assert "| gt | counting | 0% | 0% | 0% | 0% | 0% | 0% |" in report  # ground truth draws no spare objects
+    assert r.spares == {"counting": 0.0, "colors": 0.0}
 
 
-def test_count_errors_say_whether_counting_images_draw_too_many_or_too_few():
+def test_count_errors_and_spares_say_whether_images_draw_too_many_or_too_few():
     counting = [e for e in load_split("test") if e["tag"] == "counting"]
     ask = {n: next(e for e in counting if e["include"][0] == {"class": "circle", "count": n}) for n in (2, 3, 4)}
     rng = np.random.default_rng(1)
@@ -43,7 +44,10 @@ def test_count_errors_say_whether_counting_images_draw_too_many_or_too_few():
     r = score_images(images, entries)
     assert r.count_errors == {"-2": 0.25, "-1": 0.0, "0": 0.25, "+1": 0.25, "+2": 0.25}
     assert r.accuracy["counting"] == 0.25
-    text = report_markdown({"m": r.summary(), "old": {**r.summary(), "count_errors": {}}})
+    assert r.spares == {"counting": 0.5}  # 3 and 4 circles for "two circles"
+    old = {k: v for k, v in r.summary().items() if k != "spares"} | {"count_errors": {}}
+    text = report_markdown({"m": r.summary(), "old": old})
+    assert "| m | counting | 0% | 75% | 0% | 0% | 0% | 50% |" in text and "| old | counting | 0% | 75% | 0% | 0% | 0% | – |" in text
     rows = text.split("drawn minus asked")[1]
     assert "| m | 25.0% | 0.0% | 25.0% | 25.0% | 25.0% |" in rows and "| old |" not in rows
     colors = [e for e in load_split("test") if e["tag"] == "colors"][:2]
