@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from flowgrpo.rewards.base import Reward
-from flowgrpo.shapes.verify import Requirement, spare_objects, verify
+from flowgrpo.shapes.verify import Requirement, asked_objects, spare_objects, verify
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -40,8 +40,8 @@ def gated_score(requirements) -> float:
 def no_extra_objects(verdict, meta: dict) -> Requirement:
     """Image-wide: no more well-formed objects than the prompt asks for in total (`spare_objects`); rendered
     ground truth never has spares."""
-    asked = sum(int(item.get("count", 1)) for item in meta["include"])
-    return Requirement("count", f"at most {asked} objects", spare_objects(verdict.detections, meta) == 0, -1)
+    ok = spare_objects(verdict.detections, meta) == 0
+    return Requirement("count", f"at most {asked_objects(meta)} objects", ok, -1)
 
 
 # mode -> the score of one image's requirement list

@@ -191,12 +191,16 @@ def verify(image: np.ndarray, meta: dict) -> Verdict:
     return Verdict(all(r.ok for r in reqs), score, reqs, dets)
 
 
+def asked_objects(meta: dict) -> int:
+    """How many objects an entry asks for in total ("two circles and a square" -> 3)."""
+    return sum(int(item.get("count", 1)) for item in meta["include"])
+
+
 def spare_objects(detections: list[Detection], meta: dict) -> int:
     """Well-formed objects drawn beyond the total the entry asks for (0 if none). GenEval's rule asks for "at least"
     the named objects outside counting prompts, so spares never fail an image there; a reward built on that rule
     pays for drawing them (a third object raises the odds that both of "a circle and a square" appear)."""
-    asked = sum(int(item.get("count", 1)) for item in meta["include"])
-    return max(sum(d.shape is not None for d in detections) - asked, 0)
+    return max(sum(d.shape is not None for d in detections) - asked_objects(meta), 0)
 
 
 def background_noise(image: np.ndarray) -> float:
