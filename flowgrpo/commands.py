@@ -35,14 +35,16 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from flowgrpo.shapes.pretrain import main
+    from flowgrpo.shapes.pretrain import pretrain
+    from flowgrpo.shapes.pretrain_config import PretrainConfig
 
-    main(args.rest)
+    pretrain(PretrainConfig(**{k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__}))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from flowgrpo.config import PRESETS, add_arguments
+    from flowgrpo.shapes.pretrain_config import add_arguments as add_pretrain_arguments
 
     p = sub.add_parser("train", help="GRPO-train a flow-matching text-to-image model",
                        description="Train with Flow-GRPO. The preset applies first, then the YAML file, then the options given here. "
@@ -66,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_sample)
 
     r = sub.add_parser("pretrain-shapes", help="pretrain the Shapes base model (about an hour on 2 CPU cores)",
-                       add_help=False)
-    r.add_argument("rest", nargs=argparse.REMAINDER, help="options of flowgrpo.shapes.pretrain (--help lists them)")
+                       description="Flow-matching pretraining of the Shapes base model on rendered images (frozen text "
+                                   "encoders and VAE). Checkpoints every --eval-every steps; stop with --max-minutes "
+                                   "and continue with --resume.")
+    add_pretrain_arguments(r)
     r.set_defaults(func=_pretrain)

@@ -7,11 +7,12 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusion3Pipeline
 from tqdm import tqdm
 
 from flowgrpo.policies.flow import MODEL_OPTIONS_FILE
@@ -20,31 +21,12 @@ from flowgrpo.samplers.schedules import flow_sigmas
 from flowgrpo.shapes import world as W
 from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.shapes.data import render_batch, tag_balanced_indices
+from flowgrpo.shapes.pretrain_config import RUN_CONTROL, PretrainConfig, add_arguments
 from flowgrpo.shapes.model import LATENT_SCALE, MAX_SEQUENCE_LENGTH, TransformerSpec, build_pipeline, encode_prompts
 from flowgrpo.shapes.sampling import conditioning_probe, ode_sample, summarize
 from flowgrpo.shapes.verify import verify
 
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    out: str = "runs/shapes-pretrain"
-    steps: int = 12000
-    batch_size: int = 64
-    lr: float = 5e-4
-    warmup: int = 200
-    min_lr_ratio: float = 0.1
-    ema: float = 0.999
-    cond_dropout: float = 0.1
-    seed: int = 0
-    patch_size: int = 4
-    num_layers: int = 4
-    head_dim: int = 32
-    heads: int = 4
-    eval_every: int = 1000
-    eval_per_tag: int = 16
-    eval_steps: int = 20
-    eval_cfg: float = 3.0
-    threads: int = 2
+STATE_FILE = "state.pt"
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -76,12 +58,44 @@ def quick_eval(transformer, cache, neg, test: list[dict], cfg: PretrainConfig, s
     return out
 
 
+def initial_pipeline(cfg: PretrainConfig, spec: TransformerSpec) -> StableDiffusion3Pipeline:
+    """A fresh pipeline, or with `init` the saved one (its frozen text encoders and VAE come along)."""
+    if not cfg.init:
+        return build_pipeline(spec, seed=cfg.seed)
+    if not (Path(cfg.init) / "transformer").is_dir():
+        raise ValueError(f"--init {cfg.init}: not a Shapes pipeline directory (no transformer/ inside)")
+    pipe = StableDiffusion3Pipeline.from_pretrained(cfg.init, text_encoder_3=None, tokenizer_3=None)
+    have = pipe.transformer.config
+    found = TransformerSpec(have.patch_size, have.num_layers, have.attention_head_dim, have.num_attention_heads)
+    if found != spec:
+        raise ValueError(f"--init {cfg.init} has transformer {found}, but the options ask for {spec}")
+    return pipe
+
+
+def load_state(out: Path, cfg: PretrainConfig) -> dict | None:
+    """The saved state to resume from (None for a new run); refuses to overwrite a run or to resume a different one."""
+    path = out / STATE_FILE
+    if not cfg.resume:
+        if path.exists():
+            raise ValueError(f"{out} already holds a pretraining run; pass --resume to continue it or choose another --out")
+        return None
+    if not path.exists():
+        raise ValueError(f"--resume: no {STATE_FILE} in {out} to continue from")
+    state = torch.load(path, weights_only=True)
+    now = asdict(cfg)
+    changed = [f"{k}: {v!r} -> {now[k]!r}" for k, v in state["config"].items() if k not in RUN_CONTROL and now[k] != v]
+    if changed:
+        raise ValueError(f"--resume must keep the run's options; changed: {', '.join(changed)}")
+    return state
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     spec = TransformerSpec(cfg.patch_size, cfg.num_layers, cfg.head_dim, cfg.heads)
-    pipe = build_pipeline(spec, seed=cfg.seed)
+    state = load_state(out, cfg)
+    pipe = initial_pipeline(cfg, spec)
+    out.mkdir(parents=True, exist_ok=True)
     train, test = load_split("train"), load_split("test")
     prompts = sorted({e["prompt"] for e in train + test} | {""})
     e_all, p_all = encode_prompts(pipe, prompts)
@@ -95,12 +109,28 @@ def pretrain(cfg: PretrainConfig) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    first, minutes_before = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        first, minutes_before = state["step"], state["minutes"]
+
+    def save_state(step: int, minutes: float) -> None:
+        tmp = out / (STATE_FILE + ".tmp")  # written whole, then renamed: a stop mid-write keeps the old state
+        torch.save({"step": step, "minutes": minutes, "model": model.state_dict(), "ema": ema.state_dict(),
+                    "opt": opt.state_dict(), "rng": rng.bit_generator.state, "gen": gen.get_state(),
+                    "config": asdict(cfg)}, tmp)
+        tmp.replace(out / STATE_FILE)
+
     probe_rng = np.random.default_rng(10_000 + cfg.seed)
     probe_idx = tag_balanced_indices(train, 256, probe_rng)
     probe_lat = render_batch(train, probe_idx, probe_rng) * LATENT_SCALE
     log = open(out / "log.jsonl", "a")
     start = time.time()
-    bar = tqdm(range(cfg.steps), desc="pretrain", mininterval=5)
+    bar = tqdm(range(first, cfg.steps), desc="pretrain", mininterval=5, initial=first, total=cfg.steps)
     for step in bar:
         idx = tag_balanced_indices(train, cfg.batch_size, rng)
         x0 = render_batch(train, idx, rng) * LATENT_SCALE
@@ -126,10 +156,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 pe.lerp_(pm, 1 - decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        minutes = minutes_before + (time.time() - start) / 60
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             probe_e = torch.cat([cache[train[i]["prompt"]][0] for i in probe_idx])
             probe_p = torch.cat([cache[train[i]["prompt"]][1] for i in probe_idx])
-            record = {"step": step + 1, "minutes": (time.time() - start) / 60, "loss": loss.item()}
+            record = {"step": step + 1, "minutes": minutes, "loss": loss.item()}
             for t_probe in (0.5, 0.9):
                 record[f"probe_t{t_probe}"] = conditioning_probe(ema, probe_lat, probe_e, probe_p, t=t_probe)
             record["eval"] = quick_eval(ema, cache, neg, test, cfg, cfg.eval_steps, cfg.eval_cfg, cfg.eval_per_tag)
@@ -141,15 +172,19 @@ def pretrain(cfg: PretrainConfig) -> Path:
             pipe.transformer = model
             (ckpt / MODEL_OPTIONS_FILE).write_text(json.dumps({"family_options": {"max_sequence_length": MAX_SEQUENCE_LENGTH}}))
             (ckpt / "flowgrpo_pretrain.json").write_text(json.dumps({"config": asdict(cfg), "record": record}, indent=1))
+            save_state(step + 1, minutes)
+        elif cfg.max_minutes and minutes >= cfg.max_minutes:
+            save_state(step + 1, minutes)
+        if cfg.max_minutes and minutes >= cfg.max_minutes and step + 1 < cfg.steps:
+            tqdm.write(f"stopped after {minutes:.1f} minutes at step {step + 1}; continue with --resume")
+            break
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for name, field in PretrainConfig.__dataclass_fields__.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)
-    args = parser.parse_args(argv)
-    pretrain(PretrainConfig(**vars(args)))
+    add_arguments(parser)
+    pretrain(PretrainConfig(**vars(parser.parse_args(argv))))
 
 
 if __name__ == "__main__":
