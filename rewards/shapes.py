@@ -37,11 +37,12 @@ def gated_score(requirements) -> float:
     return (sum(asked) + (sum(extra) if all(asked) else 0)) / len(requirements)
 
 
-def no_extra_objects(verdict, meta: dict) -> Requirement:
-    """Image-wide: no more well-formed objects than the prompt asks for in total (`spare_objects`); rendered
-    ground truth never has spares."""
+def no_extra_objects(verdict, meta: dict, asked: bool = False) -> Requirement:
+    """No more well-formed objects than the prompt asks for in total (`spare_objects`); rendered ground truth never
+    has spares. Image-wide (item -1) by default; with `asked` it joins the asked-for items (a new item index), so
+    under `gated` a spare object costs what a missing one costs."""
     ok = spare_objects(verdict.detections, meta) == 0
-    return Requirement("count", f"at most {asked_objects(meta)} objects", ok, -1)
+    return Requirement("count", f"at most {asked_objects(meta)} objects", ok, len(meta["include"]) if asked else -1)
 
 
 # mode -> the score of one image's requirement list
@@ -56,19 +57,20 @@ class ShapesReward(Reward):
     are met (GenEval accuracy).
 
     `form_weight` > 0 adds that weight times `form` (the objects' mean template IoU) to either score.
-    `exact` adds the requirement `no_extra_objects` to every entry (training only: evaluation keeps GenEval's rule).
+    `exact` adds the requirement `no_extra_objects` to every entry (training only: evaluation keeps GenEval's rule):
+    `true` as an image-wide requirement, `"asked"` as one of the asked-for items (they differ only under `gated`).
     """
 
     name = "shapes"
 
-    def __init__(self, mode: str = "partial", form_weight: float = 0.0, exact: bool = False) -> None:
+    def __init__(self, mode: str = "partial", form_weight: float = 0.0, exact: bool | str = False) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"ShapesReward mode must be one of {MODES}, got {mode!r}")
         if not 0 <= form_weight <= 1:
             raise ValueError(f"ShapesReward form_weight must be in [0, 1], got {form_weight}")
-        if not isinstance(exact, bool):
-            raise ValueError(f"ShapesReward exact must be true or false, got {exact!r}")
+        if not (isinstance(exact, bool) or exact == "asked"):
+            raise ValueError(f"ShapesReward exact must be true, false or 'asked', got {exact!r}")
         self.mode = mode
         self.form_weight = form_weight
         self.exact = exact
@@ -79,12 +81,12 @@ class ShapesReward(Reward):
             if "include" not in meta:
                 raise ValueError(f"the shapes reward needs GenEval metadata ('include') for prompt {meta.get('prompt')!r}")
             v = verify(img, meta)
-            reqs = v.requirements + [no_extra_objects(v, meta)] if self.exact else v.requirements
+            reqs = v.requirements + [no_extra_objects(v, meta, self.exact == "asked")] if self.exact else v.requirements
             out.append(SCORES[self.mode](reqs) + self.form_weight * form(v.detections))
         return torch.tensor(out)
 
 
-def shapes_judge(temperature: float = 0.1, mode: str = "partial", form_weight: float = 0.0, exact: bool = False):
+def shapes_judge(temperature: float = 0.1, mode: str = "partial", form_weight: float = 0.0, exact: bool | str = False):
     """Pairwise Shapes comparator for Pref-GRPO: Bradley-Terry over the verifier's score."""
     from flowgrpo.rewards.pairwise import PointwiseAsPairwise
 

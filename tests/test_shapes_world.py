@@ -180,16 +180,22 @@ def test_gated_score_stops_paying_for_drawing_less():
 
 def test_exact_reward_stops_paying_for_spare_objects():
     pair, two = _entry("a photo of a circle and a square"), _entry("a photo of two circles")
-    cases = [  # (image, entry, partial, exact partial, exact gated, exact strict)
-        (_draw(("circle", 8, 8), ("square", 22, 22), ("circle", 24, 6)), pair, 1.0, 3 / 4, 3 / 4, 0.0),  # a spare circle
-        (_draw(("circle", 8, 8), ("square", 22, 22)), pair, 1.0, 1.0, 1.0, 1.0),
+    cases = [  # (image, entry, partial, exact partial, exact gated, exact strict, asked-exact gated)
+        (_draw(("circle", 8, 8), ("square", 22, 22), ("circle", 24, 6)), pair, 1.0, 3 / 4, 3 / 4, 0.0, 2 / 4),  # a spare
+        (_draw(("circle", 8, 8), ("square", 22, 22)), pair, 1.0, 1.0, 1.0, 1.0, 1.0),
         # at least 2, fewer than 3 (fails), quality; exact adds "at most 2 objects" (fails)
-        (_draw(("circle", 6, 6), ("circle", 24, 6), ("circle", 6, 24)), two, 2 / 3, 2 / 4, 2 / 4, 0.0),
-        (_draw(("circle", 8, 8)), pair, 2 / 3, 3 / 4, 1 / 4, 0.0),  # a missing object is no spare
+        (_draw(("circle", 6, 6), ("circle", 24, 6), ("circle", 6, 24)), two, 2 / 3, 2 / 4, 2 / 4, 0.0, 1 / 4),
+        (_draw(("circle", 8, 8)), pair, 2 / 3, 3 / 4, 1 / 4, 0.0, 2 / 4),  # a miss: no spare, and asked-exact prices both alike
     ]
     args = _reward_args(cases)
     assert all(verify(c[0], c[1]).passed == (c[2] == 1.0) for c in cases)  # evaluation keeps GenEval's rule
-    for col, kw in enumerate([{}, {"exact": True}, {"mode": "gated", "exact": True}, {"mode": "strict", "exact": True}]):
+    options = [{}, {"exact": True}, {"mode": "gated", "exact": True}, {"mode": "strict", "exact": True},
+               {"mode": "gated", "exact": "asked"}]
+    for col, kw in enumerate(options):
         assert build_reward("shapes", **kw)(*args).tolist() == pytest.approx([c[2 + col] for c in cases]), kw
-    with pytest.raises(ValueError, match="exact must be true or false"):
-        build_reward("shapes", exact="yes")
+    for mode in ("partial", "strict"):  # "asked" differs from true only where the gate is
+        assert build_reward("shapes", mode=mode, exact="asked")(*args).tolist() == \
+            build_reward("shapes", mode=mode, exact=True)(*args).tolist()
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="exact must be true, false or 'asked'"):
+            build_reward("shapes", exact=bad)
