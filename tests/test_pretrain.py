@@ -43,6 +43,10 @@ def test_resume_refuses_other_options_and_new_runs_refuse_to_overwrite(tmp_path)
     assert (tmp_path / STATE_FILE).read_bytes() == before
     with pytest.raises(ValueError, match="no state.pt"):
         pretrain(replace(cfg, out=str(tmp_path / "empty"), resume=True))
+    (tmp_path / STATE_FILE).write_bytes(before[: len(before) // 2])  # a state cut short
+    with pytest.raises(ValueError, match="cannot read .*state.pt as a pretraining state"):
+        pretrain(replace(cfg, resume=True))
+    assert (tmp_path / STATE_FILE).read_bytes() == before[: len(before) // 2]
 
 
 def test_init_starts_from_a_saved_model_and_checks_its_shape(tmp_path):

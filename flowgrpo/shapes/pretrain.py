@@ -81,9 +81,13 @@ def load_state(out: Path, cfg: PretrainConfig) -> dict | None:
         return None
     if not path.exists():
         raise ValueError(f"--resume: no {STATE_FILE} in {out} to continue from")
-    state = torch.load(path, weights_only=True)
+    try:
+        state = torch.load(path, weights_only=True)
+        saved = state["config"]
+    except Exception as e:  # truncated or foreign file: say which, keep it for inspection
+        raise ValueError(f"--resume: cannot read {path} as a pretraining state ({e})") from e
     now = asdict(cfg)
-    changed = [f"{k}: {v!r} -> {now[k]!r}" for k, v in state["config"].items() if k not in RUN_CONTROL and now[k] != v]
+    changed = [f"{k}: {v!r} -> {now.get(k)!r}" for k, v in saved.items() if k not in RUN_CONTROL and now.get(k) != v]
     if changed:
         raise ValueError(f"--resume must keep the run's options; changed: {', '.join(changed)}")
     return state
