@@ -1,7 +1,6 @@
 """Pretrain the Shapes base model: flow matching on rendered images, frozen text encoders and VAE."""
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -21,7 +20,7 @@ from flowgrpo.samplers.schedules import flow_sigmas
 from flowgrpo.shapes import world as W
 from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.shapes.data import render_batch, tag_balanced_indices
-from flowgrpo.shapes.pretrain_config import RUN_CONTROL, PretrainConfig, add_arguments
+from flowgrpo.shapes.pretrain_config import RUN_CONTROL, PretrainConfig
 from flowgrpo.shapes.model import LATENT_SCALE, MAX_SEQUENCE_LENGTH, TransformerSpec, build_pipeline, encode_prompts
 from flowgrpo.shapes.sampling import conditioning_probe, ode_sample, summarize
 from flowgrpo.shapes.verify import verify
@@ -161,6 +160,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         minutes = minutes_before + (time.time() - start) / 60
+        out_of_time = cfg.max_minutes and (time.time() - start) / 60 >= cfg.max_minutes  # this invocation's budget
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             probe_e = torch.cat([cache[train[i]["prompt"]][0] for i in probe_idx])
             probe_p = torch.cat([cache[train[i]["prompt"]][1] for i in probe_idx])
@@ -177,19 +177,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
             (ckpt / MODEL_OPTIONS_FILE).write_text(json.dumps({"family_options": {"max_sequence_length": MAX_SEQUENCE_LENGTH}}))
             (ckpt / "flowgrpo_pretrain.json").write_text(json.dumps({"config": asdict(cfg), "record": record}, indent=1))
             save_state(step + 1, minutes)
-        elif cfg.max_minutes and minutes >= cfg.max_minutes:
+        elif out_of_time:
             save_state(step + 1, minutes)
-        if cfg.max_minutes and minutes >= cfg.max_minutes and step + 1 < cfg.steps:
-            tqdm.write(f"stopped after {minutes:.1f} minutes at step {step + 1}; continue with --resume")
+        if out_of_time and step + 1 < cfg.steps:
+            tqdm.write(f"stopped at step {step + 1} after {cfg.max_minutes:g} minutes; continue with --resume")
             break
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    pretrain(PretrainConfig(**vars(parser.parse_args(argv))))
-
-
-if __name__ == "__main__":
-    main()

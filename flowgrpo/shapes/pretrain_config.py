@@ -51,7 +51,7 @@ HELP = {
     "threads": "torch CPU threads",
     "init": "a Shapes pipeline directory (e.g. flowgrpo/assets/shapes-base) whose transformer starts the weights and "
             "the EMA: continued pretraining; the transformer options must match it",
-    "max_minutes": "stop cleanly after this many minutes (0 = no limit); --resume continues",
+    "max_minutes": "stop cleanly after this many minutes of this invocation (0 = no limit); --resume continues",
     "resume": "continue the run saved in --out exactly where it stopped (same options except --threads and "
               "--max-minutes)",
 }
