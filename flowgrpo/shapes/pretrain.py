@@ -159,8 +159,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 pe.lerp_(pm, 1 - decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        minutes = minutes_before + (time.time() - start) / 60
-        out_of_time = cfg.max_minutes and (time.time() - start) / 60 >= cfg.max_minutes  # this invocation's budget
+        elapsed = (time.time() - start) / 60
+        minutes = minutes_before + elapsed
+        out_of_time = cfg.max_minutes and elapsed >= cfg.max_minutes  # this invocation's budget
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             probe_e = torch.cat([cache[train[i]["prompt"]][0] for i in probe_idx])
             probe_p = torch.cat([cache[train[i]["prompt"]][1] for i in probe_idx])
