@@ -20,7 +20,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from flowgrpo.config import make_config
@@ -29,7 +28,7 @@ from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.samplers.rollout import group_noise
 from flowgrpo.samplers.steps import SDE_STEPS
 from flowgrpo.shapes.verify import verify
-from flowgrpo.train import load_policy, sample_groups
+from flowgrpo.train import draw_prompts, load_policy
 
 
 def _is_float(text: str) -> bool:
@@ -85,7 +84,8 @@ def main() -> None:
     if any(not 0 <= k < cfg.num_steps for k in args.steps):
         ap.error(f"branch steps must lie in [0, {cfg.num_steps}) (the preset's schedule), got {args.steps}")
     policy = load_policy(cfg)
-    entries, group_ids = sample_groups(load_prompts(cfg.prompts), cfg, np.random.default_rng(args.seed), 0)
+    entries = [e for e in draw_prompts(load_prompts(cfg.prompts), cfg, args.seed) for _ in range(args.group_size)]
+    group_ids = torch.arange(args.prompts).repeat_interleave(args.group_size)
     sigmas = policy.sigmas(cfg.num_steps)
     x_init = group_noise(args.prompts, args.group_size, policy.latent_shape(),
                          generator=torch.Generator().manual_seed(args.seed))

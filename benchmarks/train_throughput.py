@@ -1,58 +1,48 @@
-"""Seconds per GRPO iteration on the shipped Shapes model, split into rollout, reward and update, for
+"""Seconds per GRPO iteration on the shipped Shapes model, split into rollout, reward + advantages and update, for
 several precisions and micro-batch sizes measured in one process (compare them as ratios).
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/train_throughput.py --precisions fp32 bf16 \
         --micro-batches 24 48 --iterations 4 --out benchmarks/results/train_throughput.json
 
-Every setting runs the `shapes` preset's iteration (rollout with the preset's strategy, the verifier reward, the
-preset's advantages (Pref-GRPO win rates), one update with the KL reference) on the same prompts and noise, after
-one warm-up iteration.
+Every setting runs the `shapes` preset's iteration through the trainer (`Trainer.step`: rollout with the preset's
+strategy, the verifier reward, the preset's advantages (Pref-GRPO win rates), one update with the KL reference) on
+the same prompts and noise, after one warm-up iteration.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import time
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from flowgrpo.config import make_config
-from flowgrpo.core import PromptStatTracker
+from flowgrpo.distributed import Dist
+from flowgrpo.flow_task import FlowTask
 from flowgrpo.prompts.loaders import load_prompts
 from flowgrpo.rewards import build_judge, build_reward
-from flowgrpo.samplers.rollout import group_noise
-from flowgrpo.train import granular_advantages, load_policy, sample_groups, sde_mask_for
-from flowgrpo.update import grpo_update, train_step_indices
+from flowgrpo.strategies import STRATEGIES
+from flowgrpo.train import draw_prompts, load_policy
+from flowgrpo.trainer import Trainer, settings_json
+
+PHASES = {"rollout": "time_rollout", "reward+advantages": "time_reward", "update": "time_train",
+          "total": "seconds_per_iter"}
 
 
-def time_iterations(cfg, entries, reward_fn, judge, iterations: int) -> dict[str, float]:
-    policy = load_policy(cfg)
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    sigmas = policy.sigmas(cfg.num_steps)
-    phases: dict[str, list[float]] = {"rollout": [], "reward+advantages": [], "update": [], "total": []}
+def time_iterations(cfg, entries, dist: Dist, iterations: int) -> dict[str, float]:
+    task = FlowTask(load_policy(cfg), cfg, build_reward(cfg.reward, **cfg.reward_options),
+                    build_judge(cfg.judge, **cfg.judge_options) if cfg.judge else None, STRATEGIES[cfg.strategy](cfg))
+    trainer = Trainer(task, cfg, dist, config_json=settings_json(cfg))
+    times: dict[str, list[float]] = {k: [] for k in PHASES}
     for i in range(iterations + 1):  # the first is a warm-up
-        picked, gids = sample_groups(entries, cfg, rng, 0)
-        t0 = time.perf_counter()
-        x = group_noise(cfg.prompts_per_iter, cfg.group_size, policy.latent_shape(), generator=g, shared=cfg.shared_noise)
-        ro = policy.rollout([e["prompt"] for e in picked], picked, gids, x, sigmas=sigmas,
-                            sde_mask=sde_mask_for(cfg, gids, g), guidance=cfg.guidance, kind=cfg.sde_kind,
-                            noise_level=cfg.noise_level, generator=g)
-        t1 = time.perf_counter()
-        rewards = reward_fn(ro.images, ro.prompts, ro.metadata)
-        adv = granular_advantages(cfg, policy, ro, rewards, reward_fn, judge, PromptStatTracker())
-        t2 = time.perf_counter()
-        grpo_update(policy, optimizer, params, ro, adv, train_step_indices(ro, cfg, g), cfg)
-        t3 = time.perf_counter()
+        metrics = trainer.step(draw_prompts(entries, cfg, i))
         if i:
-            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-                phases[k].append(v)
-    return {k: statistics.median(v) for k, v in phases.items()}
+            for k, key in PHASES.items():
+                times[k].append(metrics[key])
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -62,16 +52,15 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=4, help="timed iterations per setting (after a warm-up)")
     ap.add_argument("--out", type=Path, help="write the medians as JSON here")
     args = ap.parse_args()
-    base = make_config("shapes")
+    base = replace(make_config("shapes"), out=tempfile.mkdtemp(), log_with="")
     entries = load_prompts(base.prompts)
-    reward_fn = build_reward(base.reward, **base.reward_options)
-    judge = build_judge(base.judge, **base.judge_options) if base.judge else None
+    dist = Dist.create()
     results = {}
     for precision in args.precisions:
         for mb in args.micro_batches:
             name = f"{precision} micro_batch {mb}"
             cfg = replace(base, micro_batch=mb, precision=precision)
-            results[name] = time_iterations(cfg, entries, reward_fn, judge, args.iterations)
+            results[name] = time_iterations(cfg, entries, dist, args.iterations)
             print(f"{name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in results[name].items()), flush=True)
     first = next(iter(results))
     for name, r in results.items():

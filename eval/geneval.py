@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 from tqdm import tqdm
 
 from flowgrpo.eval.grid import FAIL, PASS, image_grid
@@ -36,9 +37,7 @@ class GenevalResult:
     # per tag: fraction of images with more well-formed objects than asked (`spare_objects`; GenEval passes them
     # outside counting, so accuracy hides a model that learns to hedge by drawing extra objects)
     spares: dict[str, float]
-    images: list[np.ndarray]
-    entries: list[dict]
-    passed: list[bool]
+    grid: list[tuple[np.ndarray, bool, str]] = field(default_factory=list)  # (image, passed, tag) to look at
 
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "stderr": self.stderr, "n_images": self.n_images,
@@ -59,59 +58,129 @@ def check_shapes_metadata(entries: list[dict]) -> None:
 def prompt_diversity(images: list[np.ndarray], entries: list[dict]) -> float:
     """Mean absolute pixel difference (0-255) between pairs of images made for the same entry, averaged over
     entries with at least two images; NaN when there are none. Mode collapse under a hacked reward lowers it."""
-    by_prompt: dict[str, list[np.ndarray]] = defaultdict(list)
-    for img, e in zip(images, entries):
-        by_prompt[json.dumps(e, sort_keys=True)].append(img.astype(np.float32))
-    dists = [np.mean([np.abs(a - b).mean() for i, a in enumerate(imgs) for b in imgs[i + 1:]])
-             for imgs in by_prompt.values() if len(imgs) > 1]
+    dists = _diversities(images, entries)
     return float(np.mean(dists)) if dists else float("nan")
 
 
-def score_images(images: list[np.ndarray], entries: list[dict]) -> GenevalResult:
-    """Verify images against their entries; overall = mean of per-tag accuracies (GenEval)."""
-    passed, per_tag, spares = [], defaultdict(list), defaultdict(list)
-    failed: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    malformed = empty = 0
-    noise, count_errors = [], []
+def _diversities(images: list[np.ndarray], entries: list[dict]) -> list[float]:
+    by_prompt: dict[str, list[np.ndarray]] = defaultdict(list)
     for img, e in zip(images, entries):
-        v = verify(img, e)
-        if e["tag"] == "counting":
-            item = e["include"][0]
-            count_errors.append(sum(d.shape == item["class"] for d in v.detections) - item["count"])
-        passed.append(v.passed)
-        per_tag[e["tag"]].append(v.passed)
-        spares[e["tag"]].append(spare_objects(v.detections, e) > 0)
-        for kind in {r.kind for r in v.requirements if not r.ok}:
-            failed[e["tag"]][kind] += 1
-        malformed += v.malformed > 0
-        empty += not v.detections
-        noise.append(background_noise(img))
-    acc = {t: float(np.mean(p)) for t, p in per_tag.items()}
-    se = {t: float(np.std(p) / math.sqrt(len(p))) for t, p in per_tag.items()}
-    acc["overall"] = float(np.mean([acc[t] for t in per_tag]))
-    # Tags are independent samples, so the overall's variance is the mean of their variances / n_tags.
-    se["overall"] = float(math.sqrt(sum(s**2 for t, s in se.items() if t != "overall")) / len(per_tag))
-    failures = {t: {k: n / len(per_tag[t]) for k, n in sorted(kinds.items())} for t, kinds in failed.items()}
-    clipped = [f"{max(-2, min(2, d)):+d}" if d else "0" for d in count_errors]
-    count_hist = {k: clipped.count(k) / len(clipped) for k in COUNT_ERRORS} if clipped else {}
-    return GenevalResult(acc, se, {t: len(p) for t, p in per_tag.items()}, malformed / len(images),
-                         empty / len(images), float(np.mean(noise)), prompt_diversity(images, entries), failures,
-                         count_hist, {t: float(np.mean(s)) for t, s in spares.items()}, images, entries, passed)
+        by_prompt[json.dumps(e, sort_keys=True)].append(img.astype(np.float32))
+    return [float(np.mean([np.abs(a - b).mean() for i, a in enumerate(imgs) for b in imgs[i + 1:]]))
+            for imgs in by_prompt.values() if len(imgs) > 1]
+
+
+def ordered_tags(entries: list[dict]) -> list[str]:
+    """The tags present, GenEval's six in their order first, then any others alphabetically."""
+    present = {e["tag"] for e in entries}
+    return [t for t in W.TAGS if t in present] + sorted(present - set(W.TAGS))
+
+
+class GenevalMetric(Metric):
+    """GenEval accuracy and the image guards as sums over images: `update` on each process's share, `compute`
+    adds them over processes (torchmetrics syncs the states), so a sharded evaluation equals a single one."""
+
+    full_state_update = False
+
+    def __init__(self, tags: list[str], scorer=verify):
+        super().__init__()
+        self.tags, self.scorer = list(tags), scorer
+        n, k = len(self.tags), len(REQUIREMENT_KINDS)
+        for name, shape in (("passed", (n,)), ("count", (n,)), ("spare", (n,)), ("failed", (n, k)),
+                            ("count_err", (len(COUNT_ERRORS),)), ("totals", (6,))):
+            self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, images: list[np.ndarray], entries: list[dict]) -> None:
+        self.last_passed = []  # this update's pass/fail per image, for grids
+        for img, e in zip(images, entries):
+            v = self.scorer(img, e)
+            self.last_passed.append(v.passed)
+            t = self.tags.index(e["tag"])
+            self.passed[t] += v.passed
+            self.count[t] += 1
+            self.spare[t] += spare_objects(v.detections, e) > 0
+            for kind in {r.kind for r in v.requirements if not r.ok}:
+                self.failed[t, REQUIREMENT_KINDS.index(kind)] += 1
+            if e["tag"] == "counting":
+                item = e["include"][0]
+                error = sum(d.shape == item["class"] for d in v.detections) - item["count"]
+                self.count_err[COUNT_ERRORS.index(f"{max(-2, min(2, error)):+d}" if error else "0")] += 1
+            self.totals += self.totals.new_tensor([1, v.malformed > 0, not v.detections, background_noise(img), 0, 0])
+        dists = _diversities(images, entries)
+        self.totals[4:] += self.totals.new_tensor([sum(dists), len(dists)])
+
+    def compute(self) -> GenevalResult:
+        seen = [i for i, t in enumerate(self.tags) if self.count[i] > 0]
+        acc = {self.tags[i]: float(self.passed[i] / self.count[i]) for i in seen}
+        # a pass is 0/1, so its standard deviation is sqrt(p (1 - p))
+        se = {t: math.sqrt(p * (1 - p) / float(self.count[self.tags.index(t)])) for t, p in acc.items()}
+        acc["overall"] = float(np.mean([acc[self.tags[i]] for i in seen]))
+        # Tags are independent samples, so the overall's variance is the mean of their variances / n_tags.
+        se["overall"] = float(math.sqrt(sum(s**2 for s in se.values())) / len(seen))
+        failures = {self.tags[i]: {k: float(self.failed[i, j] / self.count[i]) for j, k in enumerate(REQUIREMENT_KINDS)
+                                   if self.failed[i, j] > 0} for i in seen}
+        n_count = float(self.count_err.sum())
+        count_hist = {k: float(self.count_err[j] / n_count) for j, k in enumerate(COUNT_ERRORS)} if n_count else {}
+        n, malformed, empty, noise, div_sum, div_n = self.totals.tolist()
+        return GenevalResult(acc, se, {self.tags[i]: int(self.count[i]) for i in seen}, malformed / n, empty / n,
+                             noise / n, div_sum / div_n if div_n else float("nan"),
+                             {t: f for t, f in failures.items() if f}, count_hist,
+                             {self.tags[i]: float(self.spare[i] / self.count[i]) for i in seen})
+
+
+def grid_picks(entries: list[dict], per_tag: int = 8) -> list[int]:
+    """Indices of the images a report's grid shows: the first ``per_tag`` of each tag, tag by tag."""
+    picks = []
+    for tag in ordered_tags(entries):
+        picks += [i for i, e in enumerate(entries) if e["tag"] == tag][:per_tag]
+    return picks
+
+
+def score_images(images: list[np.ndarray], entries: list[dict], scorer=verify) -> GenevalResult:
+    """Score images against their entries in one process; overall = mean of per-tag accuracies (GenEval)."""
+    metric = GenevalMetric(ordered_tags(entries), scorer)
+    metric.update(images, entries)
+    result = metric.compute()
+    result.grid = [(images[i], metric.last_passed[i], entries[i]["tag"]) for i in grid_picks(entries)]
+    return result
+
+
+def eval_batches(n_images: int, images_per_prompt: int, batch: int) -> list[slice]:
+    """Consecutive batches of at most ``batch`` images holding whole entries (an entry's images stay together)."""
+    size = max(images_per_prompt, batch // images_per_prompt * images_per_prompt)
+    return [slice(s, min(s + size, n_images)) for s in range(0, n_images, size)]
 
 
 @torch.no_grad()
 def evaluate(policy, entries: list[dict], *, images_per_prompt: int, num_steps: int, guidance: float,
-             seed: int = 0, batch: int = 64, progress: bool = True) -> GenevalResult:
-    """Generate `images_per_prompt` ODE samples per entry (fixed seed) and score them."""
-    check_shapes_metadata(entries)
+             seed: int = 0, batch: int = 64, progress: bool = True, dist=None, scorer=verify) -> GenevalResult:
+    """Generate `images_per_prompt` ODE samples per entry and score them. Batch j's noise is the j-th draw of
+    one generator seeded with ``seed`` (every process draws them all); with ``dist`` process r makes and scores the
+    batches j with j % world_size == r, so any number of processes gives the images of one."""
+    if scorer is verify:
+        check_shapes_metadata(entries)
     todo = [e for e in entries for _ in range(images_per_prompt)]
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    metric = GenevalMetric(ordered_tags(entries), scorer).to(dist.device if dist is not None else "cpu")
+    picks = set(grid_picks(todo))
+    grid = []
     g = torch.Generator().manual_seed(seed)
-    images: list[np.ndarray] = []
-    for s in tqdm(range(0, len(todo), batch), desc="eval", disable=not progress, leave=False):
-        chunk = todo[s : s + batch]
-        images += to_uint8(policy.generate([e["prompt"] for e in chunk], num_steps=num_steps, guidance=guidance,
-                                           generator=g))
-    return score_images(images, todo)
+    batches = eval_batches(len(todo), images_per_prompt, batch)
+    for j, rows in enumerate(tqdm(batches, desc="eval", disable=not progress or rank != 0, leave=False)):
+        chunk = todo[rows]
+        x = torch.randn((len(chunk), *policy.latent_shape()), generator=g)
+        if j % world != rank:
+            continue
+        images = to_uint8(policy.generate([e["prompt"] for e in chunk], num_steps=num_steps, guidance=guidance,
+                                          x_init=x))
+        metric.update(images, chunk)
+        grid += [(i, images[i - rows.start], metric.last_passed[i - rows.start], todo[i]["tag"])
+                 for i in range(rows.start, rows.stop) if i in picks]
+    result = metric.compute()
+    if dist is not None:
+        grid = dist.gather_objects(grid)
+    result.grid = [(img, ok, tag) for _, img, ok, tag in sorted(grid, key=lambda t: t[0])]
+    return result
 
 
 def markdown_table(results: dict[str, dict]) -> str:
@@ -170,10 +239,8 @@ def write_report(result: GenevalResult, out: str | Path, *, name: str = "model",
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.summary(), indent=1))
     (out / "report.md").write_text(report_markdown({name: result.summary()}))
-    picks = []
-    for tag in W.TAGS:
-        picks += [i for i, e in enumerate(result.entries) if e["tag"] == tag][:grid_per_tag]
-    grid = image_grid([result.images[i] for i in picks], grid_per_tag,
-                      borders=[PASS if result.passed[i] else FAIL for i in picks])
-    grid.save(out / "grid.png")
+    if result.grid:
+        grid = image_grid([img for img, _, _ in result.grid], grid_per_tag,
+                          borders=[PASS if ok else FAIL for _, ok, _ in result.grid])
+        grid.save(out / "grid.png")
     return out

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flowgrpo.eval.geneval import eval_batches
 from flowgrpo.eval.grid import image_grid
 from flowgrpo.rewards.shapes import to_uint8
 
@@ -21,7 +22,7 @@ from flowgrpo.rewards.shapes import to_uint8
 @dataclass
 class RewardEvalResult:
     rewards: list[float]  # one per image; NaN where the reward failed
-    images: list[np.ndarray]
+    images: list[np.ndarray]  # the first images (for the grid)
     entries: list[dict]
 
     @property
@@ -45,21 +46,31 @@ def is_geneval(entries: list[dict]) -> bool:
 
 @torch.no_grad()
 def evaluate_reward(policy, entries: list[dict], reward_fn, *, images_per_prompt: int, num_steps: int,
-                    guidance: float, seed: int = 0, batch: int = 64, progress: bool = True) -> RewardEvalResult:
-    """Generate `images_per_prompt` ODE samples per entry with a fixed seed and score them with `reward_fn`."""
+                    guidance: float, seed: int = 0, batch: int = 64, progress: bool = True, dist=None,
+                    grid_size: int = 24) -> RewardEvalResult:
+    """Generate `images_per_prompt` ODE samples per entry and score them with `reward_fn`; noise and the split
+    over processes as in `flowgrpo.eval.geneval.evaluate` (any number of processes gives the same result)."""
     if not entries:
         raise ValueError("evaluate_reward needs at least one prompt")
     todo = [e for e in entries for _ in range(images_per_prompt)]
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     g = torch.Generator().manual_seed(seed)
-    rewards: list[float] = []
-    images: list[np.ndarray] = []
-    for s in tqdm(range(0, len(todo), batch), desc="eval", disable=not progress, leave=False):
-        chunk = todo[s : s + batch]
+    scored: list[tuple[int, float, np.ndarray | None]] = []
+    batches = eval_batches(len(todo), images_per_prompt, batch)
+    for j, rows in enumerate(tqdm(batches, desc="eval", disable=not progress or rank != 0, leave=False)):
+        chunk = todo[rows]
+        x_init = torch.randn((len(chunk), *policy.latent_shape()), generator=g)
+        if j % world != rank:
+            continue
         prompts = [e["prompt"] for e in chunk]
-        x = policy.generate(prompts, num_steps=num_steps, guidance=guidance, generator=g)
-        rewards += reward_fn(x, prompts, chunk).tolist()
-        images += to_uint8(x)
-    return RewardEvalResult(rewards, images, todo)
+        x = policy.generate(prompts, num_steps=num_steps, guidance=guidance, x_init=x_init)
+        images = to_uint8(x)
+        scored += [(i, float(r), images[i - rows.start] if i < grid_size else None)
+                   for i, r in zip(range(rows.start, rows.stop), reward_fn(x, prompts, chunk).tolist())]
+    if dist is not None:
+        scored = dist.gather_objects(scored)
+    scored.sort(key=lambda t: t[0])
+    return RewardEvalResult([r for _, r, _ in scored], [img for _, _, img in scored if img is not None], todo)
 
 
 def write_reward_report(result: RewardEvalResult, out: str | Path, *, grid_size: int = 24, ncols: int = 8) -> Path:

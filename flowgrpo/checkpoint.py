@@ -1,126 +1,231 @@
-"""All training state in one place, saved and restored exactly.
+"""Checkpoints of every trainer: crash-safe on disk, exact on resume, the same for images and text.
 
-A checkpoint directory holds `weights.safetensors` (trainable weights: the full transformer or
-the LoRA parameters), `optimizer.pt` (the optimizer state, loaded with weights_only=True),
-`ema.safetensors` (the weights' moving average, when the run keeps one) and `state.json` (iteration,
-training time, every RNG stream, the prompt-stat tracker, the EMA's update count, history).
-A run stopped after any checkpoint resumes as if it had never stopped.
+A checkpoint is a directory ``iter-NNNNNN/`` holding ``weights.safetensors`` (the trainable parameters by name),
+``optimizer.pt`` (loaded with weights_only=True), optionally ``ema.safetensors``, ``state.json`` (iteration, time,
+tracker, strategy state, history) and, written last, ``COMPLETE``: a manifest of every file's size and SHA-256.
+It is written into ``iter-NNNNNN.tmp/`` with every file fsync'd, then renamed into place, so a kill at any instant
+leaves either the previous checkpoints alone or the new one complete. The newest ``keep`` complete checkpoints stay;
+older ones are deleted marker first, so a half-deleted one is never taken for complete.
 """
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
 import os
+import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from flowgrpo.core import PromptStatTracker
-from flowgrpo.ema import WeightEMA
 
-FORMAT = 1
+FORMAT = 2
+MARKER = "COMPLETE"
+_NAME = re.compile(r"^iter-(\d{6,})$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names it and says what is intact."""
+
+
+# ---------------------------------------------------------------------------------------------- training state
 @dataclass
 class TrainState:
-    iteration: int
-    train_seconds: float
-    rollout_rng: torch.Generator  # rollout noise (per process)
-    prompt_rng: np.random.Generator  # data position: which prompts come next
-    tracker: PromptStatTracker
-    history: dict = field(default_factory=lambda: {"eval": [], "train": []})
-    ema: WeightEMA | None = None  # the weights' moving average (evaluation and export use it)
+    """Everything of a run that is not a tensor. Randomness needs no state: every draw is keyed by
+    (seed, iteration, sample), see `flowgrpo.samplers.noise`."""
 
-    @classmethod
-    def fresh(cls, seed: int, process_index: int = 0) -> "TrainState":
-        stream = seed * 1000 + process_index  # each process its own streams
-        return cls(0, 0.0, torch.Generator().manual_seed(stream), np.random.default_rng(stream), PromptStatTracker())
+    iteration: int = 0
+    train_seconds: float = 0.0
+    tracker: PromptStatTracker = field(default_factory=PromptStatTracker)
+    history: dict = field(default_factory=lambda: {"eval": [], "train": []})
+    strategy: dict = field(default_factory=dict)  # the rollout strategy's own state (e.g. a calibrated noise scale)
 
     def to_json(self) -> dict:
-        return {
-            "format": FORMAT,
-            "iteration": self.iteration,
-            "train_seconds": self.train_seconds,
-            "rollout_rng": base64.b64encode(self.rollout_rng.get_state().numpy().tobytes()).decode(),
-            "prompt_rng": self.prompt_rng.bit_generator.state,
-            "tracker": self.tracker.state_dict(),
-            "ema_updates": self.ema.updates if self.ema is not None else None,
-            "history": self.history,
-        }
+        return {"format": FORMAT, "iteration": self.iteration, "train_seconds": self.train_seconds,
+                "tracker": self.tracker.state_dict(), "history": self.history, "strategy": self.strategy}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainState":
-        if d.get("format") != FORMAT:
-            raise ValueError(f"unsupported checkpoint format {d.get('format')!r} (expected {FORMAT})")
-        g = torch.Generator()
-        g.set_state(torch.frombuffer(bytearray(base64.b64decode(d["rollout_rng"])), dtype=torch.uint8))
-        rng = np.random.default_rng()
-        rng.bit_generator.state = d["prompt_rng"]
         tracker = PromptStatTracker()
         tracker.load_state_dict(d["tracker"])
-        return cls(int(d["iteration"]), float(d["train_seconds"]), g, rng, tracker, d["history"])
+        return cls(int(d["iteration"]), float(d["train_seconds"]), tracker, d["history"], d.get("strategy", {}))
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+# ---------------------------------------------------------------------------------------------- named tensors
+def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the parameters that require grad, by name."""
+    return {n: p.detach().cpu().clone().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
-    """Write atomically: into a temporary directory, then rename over the old checkpoint."""
+def load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``tensors`` into the parameters that require grad; names and shapes must match exactly."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise CheckpointError(f"{where} does not match the model's trainable parameters: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]} (a checkpoint of another model or LoRA setting?)")
+    for name, p in params.items():
+        if tensors[name].shape != p.shape:
+            raise CheckpointError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, the model {tuple(p.shape)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
+# ---------------------------------------------------------------------------------------------- one directory
+Writer = Callable[[Path], None]  # writes one file at the path it is given
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint_dir(path: Path, files: dict[str, Writer]) -> Path:
+    """Write ``files`` (name -> writer) as the complete checkpoint directory ``path``, atomically (see module doc).
+    An existing ``path`` is replaced only once the new one is complete."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state_dict(model), tmp / "weights.safetensors")
-    if state.ema is not None:
-        save_file({n: t.contiguous() for n, t in state.ema.shadow.items()}, tmp / "ema.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state.to_json()))
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    ema: WeightEMA | None = None) -> TrainState:
-    """Restore weights, optimizer and (if given) the EMA in place; return the training state.
-    Clear errors for bad checkpoints."""
-    path = Path(path)
-    files = ("weights.safetensors", "optimizer.pt", "state.json") + (("ema.safetensors",) if ema is not None else ())
-    missing = [n for n in files if not (path / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     try:
-        weights = load_file(path / "weights.safetensors")
-        state = json.loads((path / "state.json").read_text())
-    except Exception as e:  # safetensors and json raise several types for corrupt files
-        raise ValueError(f"checkpoint {path} is corrupt: {e}") from e
-    expected = trainable_state_dict(model)
-    if set(weights) != set(expected):
-        diff = sorted(set(weights) ^ set(expected))[:5]
-        raise ValueError(f"checkpoint {path} does not match the model's trainable parameters (e.g. {diff})")
-    for name, p in model.named_parameters():
-        if name in weights:
-            if weights[name].shape != p.shape:
-                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(weights[name].shape)}, model {tuple(p.shape)}")
-            with torch.no_grad():
-                p.copy_(weights[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    restored = TrainState.from_json(state)
+        manifest = {"format": FORMAT, "files": {}}
+        for name, write in files.items():
+            write(tmp / name)
+            _fsync(tmp / name)
+            manifest["files"][name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        (tmp / MARKER).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / MARKER)
+        _fsync(tmp)
+        if path.exists():  # an explicit path being overwritten: retire the old one marker first
+            _retire(path)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except BaseException as e:  # a full disk, a failing writer, Ctrl-C: leave no half-written directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception):
+            raise CheckpointError(f"could not write checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise
+    return path
+
+
+def verify_checkpoint_dir(path: Path) -> list[str]:
+    """The file names of a complete checkpoint, after checking every file against its manifest (size, SHA-256)."""
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker: never finished, or not a "
+                              "checkpoint of this project)")
+    try:
+        manifest = json.loads(marker.read_text())
+        expected = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable {MARKER} manifest ({e})") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')!r}, this version reads {FORMAT}")
+    for name, meta in expected.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        size = f.stat().st_size
+        if size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{path}: {name} is corrupt ({size} bytes, {meta['bytes']} written; "
+                                  "checksum differs)")
+    return list(expected)
+
+
+def _retire(path: Path) -> None:
+    """Delete a checkpoint so that no instant leaves it looking complete: marker first, then the rest."""
+    (path / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- a run's checkpoints
+class CheckpointDir:
+    """The checkpoints of one run: ``root/iter-NNNNNN/``, the newest ``keep`` complete ones kept."""
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root, self.keep = Path(root), keep
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir()
+                 if (m := _NAME.match(p.name)) and (p / MARKER).is_file()]
+        return [p for _, p in sorted(found)]
+
+    def newest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, iteration: int, files: dict[str, Writer]) -> Path:
+        path = write_checkpoint_dir(self.root / f"iter-{iteration:06d}", files)
+        for old in self.complete()[: -self.keep]:
+            _retire(old)
+        for junk in self.root.glob("iter-*.tmp"):  # left by a kill during an earlier save
+            shutil.rmtree(junk, ignore_errors=True)
+        return path
+
+
+# ---------------------------------------------------------------------------------------------- what trainers save
+def training_files(weights: dict[str, torch.Tensor], optimizer_state: dict, state: TrainState, *, kind: str,
+                   config: dict, ema: dict[str, torch.Tensor] | None = None) -> dict[str, Writer]:
+    """The files of a training checkpoint. ``kind`` ('flow', 'llm') and ``config`` let a resume refuse a
+    checkpoint of another trainer or an incompatible run."""
+    meta = json.dumps({"kind": kind, "config": config, **state.to_json()}, default=str)
+    files: dict[str, Writer] = {
+        "weights.safetensors": lambda p: save_file(weights, str(p)),
+        "optimizer.pt": lambda p: torch.save(optimizer_state, p),
+        "state.json": lambda p: p.write_text(meta),
+    }
     if ema is not None:
-        shadow = load_file(path / "ema.safetensors")
-        if set(shadow) != set(ema.shadow) or state.get("ema_updates") is None:
-            raise ValueError(f"checkpoint {path}: its EMA does not match the run's trainable parameters")
-        for n, t in shadow.items():
-            ema.shadow[n].copy_(t)
-        ema.updates = int(state["ema_updates"])
-        restored.ema = ema
-    return restored
+        files["ema.safetensors"] = lambda p: save_file({n: t.detach().cpu().contiguous() for n, t in ema.items()}, str(p))
+    return files
+
+
+@dataclass
+class LoadedTraining:
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict
+    state: TrainState
+    config: dict
+    ema: dict[str, torch.Tensor] | None
+
+
+def read_training(path: str | Path, *, kind: str, check_config: Callable[[dict], None] | None = None) -> LoadedTraining:
+    """Verify and parse a training checkpoint; errors name the checkpoint and the culprit."""
+    path = Path(path)
+    names = verify_checkpoint_dir(path)
+    for name in ("weights.safetensors", "optimizer.pt", "state.json"):
+        if name not in names:
+            raise CheckpointError(f"{path}: not a training checkpoint ({name} is missing)")
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        weights = load_file(str(path / "weights.safetensors"))
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+        ema = load_file(str(path / "ema.safetensors")) if "ema.safetensors" in names else None
+        state = TrainState.from_json(meta)
+    except Exception as e:  # safetensors, torch and json raise many types for bad bytes
+        raise CheckpointError(f"{path} is unreadable: {type(e).__name__}: {e}") from e
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path} is a {meta.get('kind')!r} checkpoint; this trainer resumes {kind!r} ones")
+    if check_config is not None:
+        check_config(meta.get("config", {}))
+    return LoadedTraining(weights, optimizer_state, state, meta.get("config", {}), ema)

@@ -1,43 +1,35 @@
 """`flowgrpo train` configuration: one frozen dataclass, typed presets, YAML and CLI overrides.
 
-Every derived size (samples per iteration, micro-batches, optimizer steps) is computed and checked
-in `TrainConfig.__post_init__`, with errors that name the numbers that disagree.
+The settings every trainer shares (batches, advantages, loss, optimizer, checkpoints) come from
+`flowgrpo.settings.GRPOSettings`; this adds the model, the rollouts and the evaluation. Every derived size is
+computed and checked in one place (`GRPOSettings.layout`), with errors that name the numbers that disagree.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
 from flowgrpo.assets import SHAPES_MODEL
-from flowgrpo.core import ADVANTAGES, AGGREGATIONS, TRACKED_ESTIMATORS
+from flowgrpo.core import TRACKED_ESTIMATORS
 from flowgrpo.rewards import REWARDS
 from flowgrpo.rewards.base import UnknownNameError, check_options
+from flowgrpo.settings import ConfigError, GRPOSettings, opt
 from flowgrpo.shapes.world import TAGS
+from flowgrpo.strategies import STRATEGIES
+
+__all__ = ["ConfigError", "PRESETS", "TrainConfig", "add_arguments", "make_config", "overrides_from_args"]
 
 SDE_KINDS = ("flow_grpo", "dance", "cps")
-STRATEGIES = ("flow_grpo", "g2rpo")
 PRECISIONS = ("fp32", "bf16")
-LR_SCHEDULES = ("constant", "linear", "cosine")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid or inconsistent with another."""
-
-
-def opt(default=dataclasses.MISSING, help: str = "", *, factory=None):
-    """A TrainConfig field with its `--help` text."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(GRPOSettings):
     # model and data
     model: str = opt(str(SHAPES_MODEL), "local diffusers pipeline directory (SD3/SD3.5, FLUX or Sana)")
     family_options: dict = opt(factory=dict, help="model-family options, e.g. {max_sequence_length: 128}")
@@ -49,24 +41,20 @@ class TrainConfig:
     precision: str = opt("fp32", "rollouts and updates: fp32, or bf16 autocast of the transformer (evaluation stays fp32)")
     prompts: str = opt("shapes:train", "training prompts: shapes:train, or a .jsonl (GenEval metadata) / .txt file")
     eval_prompts: str = opt("shapes:test", "evaluation prompts (GenEval metadata gives accuracy, else the mean reward)")
+    tag_weights: dict = opt(factory=dict, help="tagged prompts: sampling weight of each tag (1 when unlisted), "
+                                               "e.g. {counting: 2}; {} = every tag equally often")
     reward: str = opt("shapes", f"reward: {', '.join(REWARDS)} (remote = an HTTP service)")
     reward_options: dict = opt(factory=dict, help="reward options, e.g. {mode: strict}")
     judge: str = opt("", "Pref-GRPO: a pairwise judge (shapes, vlm_pairwise); '' = pointwise GRPO advantages")
     judge_options: dict = opt(factory=dict, help="pairwise judge options")
     pointwise_weight: float = opt(0.0, "Pref-GRPO: weight of the pointwise reward's advantages in the mix")
-    out: str = opt("runs/shapes-grpo", "run directory: checkpoint, evaluations, grids, TensorBoard, final pipeline")
-    seed: int = opt(0, "seed of every random stream (prompts, rollout noise, evaluation noise)")
     # rollouts
-    prompts_per_iter: int = opt(12, "prompts per iteration (per process)")
-    tag_weights: dict = opt(factory=dict, help="tagged prompts: sampling weight of each tag (1 when unlisted), "
-                                               "e.g. {counting: 2}; {} = every tag equally often")
-    group_size: int = opt(8, "samples per prompt (G)")
-    micro_batch: int = opt(24, "samples per forward pass; must divide prompts_per_iter x group_size")
     num_steps: int = opt(10, "sampling steps of rollouts (denoising reduction: fewer than eval_num_steps)")
-    train_steps: int = opt(0, "0 = train on every SDE step; k > 0 = a random subset of k (DanceGRPO)")
-    strategy: str = opt("g2rpo", "flow_grpo = SDE on every step of the window; g2rpo = G²RPO singular stochastic "
+    strategy: str = opt("g2rpo", "flow_grpo = SDE on every step of the window, all trained; dance_grpo = the same "
+                                 "sampling, a random subset of train_steps trained; g2rpo = G²RPO singular stochastic "
                                  "sampling: each group shares its ODE path up to one branch step (random in the "
                                  "window) where each member takes one SDE step, then ODE")
+    train_steps: int = opt(0, "dance_grpo: SDE steps trained per iteration (0 = 60%% of them, DanceGRPO's fraction)")
     sde_steps: int = opt(3, "the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)")
     granularities: int = opt(1, "G²RPO multi-granularity: also finish each branch by ODE on every 2nd, ..., n-th "
                                 "later sigma and sum the n advantages (each normalised in its groups)")
@@ -79,70 +67,44 @@ class TrainConfig:
     antithetic: bool = opt(False, "members 2j and 2j+1 of a group take opposite SDE noise (variance reduction)")
     noise_freqs: int = opt(0, "k > 0: SDE noise only in the k x k lowest DCT frequencies of each latent channel "
                               "(the layout), deterministic elsewhere; 0 = white noise")
-    # GRPO update
-    advantage: str = opt("grpo", f"advantage estimator: {', '.join(sorted(ADVANTAGES))}")
-    advantage_options: dict = opt(factory=dict, help="estimator options, e.g. {scale: none} (Dr.GRPO)")
-    adv_clip: float = opt(5.0, "clip advantages to [-c, c]")
-    zero_std: str = opt("keep", "groups whose rewards are all equal: keep (the estimator's value, 0 for grpo) or drop (left out of the loss)")
-    loss_agg: str = opt("token-mean", f"loss aggregation over samples and steps: {', '.join(AGGREGATIONS)}")
-    clip_low: float = opt(1e-3, "PPO clip: lower epsilon of the importance ratio")
-    clip_high: float = opt(1e-3, "PPO clip: upper epsilon of the importance ratio")
-    beta: float = opt(0.02, "KL to the reference model (keeps images clean); 0 never runs the reference")
-    lr: float = opt(3e-5, "AdamW learning rate")
-    lr_schedule: str = opt("constant", "learning rate over the budget: constant, linear or cosine decay to "
-                                       "lr_final x lr (the budget = iterations or max_minutes, whichever ends first)")
-    lr_final: float = opt(0.1, "the decaying schedules end at this fraction of lr")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "gradient-norm clip")
-    optimizer_steps: int = opt(1, "optimizer steps per iteration (the batch is split between them)")
-    inner_epochs: int = opt(1, "passes over each iteration's batch")
     ema_decay: float = opt(0.0, "evaluate and export a moving average of the weights (per iteration); 0 = live weights")
-    # schedule and evaluation
+    # budget and evaluation
     iterations: int = opt(1000, "iterations (rollout + update) at most")
     max_minutes: float = opt(15.0, "> 0: stop after this much training time (evaluation excluded); 0 = no limit")
     eval_every: int = opt(80, "evaluate (and write an image grid) every n iterations")
     eval_num_steps: int = opt(20, "Euler steps of evaluation sampling")
     eval_images_per_prompt: int = opt(4, "images per evaluation prompt (300 Shapes test entries x 4: stderr ~1.2 points)")
-    save_every: int = opt(50, "checkpoint every n iterations")
-    resume: bool = opt(True, "resume from out/checkpoint when it exists")
     log_with: str = opt("tensorboard", "accelerate tracker (tensorboard, wandb, ...); '' = none")
 
     def __post_init__(self) -> None:
-        positive = ("prompts_per_iter", "group_size", "micro_batch", "num_steps", "granularities", "optimizer_steps",
-                    "inner_epochs",
-                    "iterations", "eval_every", "eval_num_steps", "eval_images_per_prompt", "save_every")
-        for name in positive:
+        super().__post_init__()
+        for name in ("num_steps", "granularities", "iterations", "eval_every", "eval_num_steps",
+                     "eval_images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("noise_level", "max_minutes", "schedule_jitter", "noise_freqs", "train_steps", "sde_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.sde_kind not in SDE_KINDS:
             raise ConfigError(f"sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
-        if not 0 <= self.lr_final <= 1:
-            raise ConfigError(f"lr_final must be in [0, 1], got {self.lr_final}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
+            raise ConfigError(f"strategy {self.strategy!r} is not one of {tuple(STRATEGIES)}")
         if self.strategy == "g2rpo" and not self.shared_noise:
             raise ConfigError("strategy g2rpo branches each group from one shared ODE path: it needs shared_noise=true")
-        if self.strategy == "g2rpo" and self.train_steps > 1:
-            raise ConfigError(f"strategy g2rpo has one SDE step per sample; train_steps={self.train_steps} must be 0 or 1")
+        if self.train_steps and self.strategy != "dance_grpo":
+            raise ConfigError(f"train_steps={self.train_steps} picks DanceGRPO's trained subset: it needs strategy "
+                              f"dance_grpo (strategy {self.strategy} trains every SDE step it samples)")
         if self.granularities > 1 and self.strategy != "g2rpo":
             raise ConfigError(f"granularities={self.granularities} finishes G²RPO branches: it needs strategy g2rpo")
         if self.granularities > 1 and self.advantage in TRACKED_ESTIMATORS and not self.judge:
             raise ConfigError(f"advantage {self.advantage!r} keeps per-prompt statistics; it cannot be computed once "
                               f"per granularity (granularities={self.granularities})")
-        if not 0 <= self.sde_steps <= self.num_steps:
+        if self.sde_steps > self.num_steps:
             raise ConfigError(f"sde_steps={self.sde_steps} must be in [0, num_steps={self.num_steps}]")
-        if not 0 <= self.train_steps <= self.num_steps:
+        if self.train_steps > self.num_steps:
             raise ConfigError(f"train_steps={self.train_steps} must be in [0, num_steps={self.num_steps}]")
-        if self.group_size < 2:
-            raise ConfigError(f"group_size={self.group_size}: GRPO needs at least 2 samples per prompt")
-        if self.schedule_jitter < 0:
-            raise ConfigError(f"schedule_jitter must be >= 0 (0 = the fixed grid), got {self.schedule_jitter}")
-        if self.noise_freqs < 0:
-            raise ConfigError(f"noise_freqs must be >= 0 (0 = white noise), got {self.noise_freqs}")
         if self.trainable and self.lora_rank:
             raise ConfigError(f"trainable={self.trainable!r} selects parameters for full fine-tuning; "
                               f"with lora_rank={self.lora_rank} only the LoRA adapters train")
@@ -153,19 +115,10 @@ class TrainConfig:
                 raise ConfigError(f"trainable={self.trainable!r} is not a regular expression: {e}") from e
         if self.antithetic and self.group_size % 2:
             raise ConfigError(f"antithetic noise pairs the members of a group: group_size={self.group_size} must be even")
-        if self.batch_size % self.micro_batch:
-            raise ConfigError(f"samples per iteration = prompts_per_iter x group_size = {self.prompts_per_iter} x "
-                              f"{self.group_size} = {self.batch_size} is not a multiple of micro_batch={self.micro_batch}")
-        if (self.batch_size // self.micro_batch) % self.optimizer_steps:
-            raise ConfigError(f"{self.batch_size // self.micro_batch} micro-batches per iteration cannot be split evenly "
-                              f"into optimizer_steps={self.optimizer_steps}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.pointwise_weight <= 1:
             raise ConfigError(f"pointwise_weight must be in [0, 1], got {self.pointwise_weight}")
-        for name in ("clip_low", "clip_high", "beta", "lr", "noise_level", "adv_clip", "max_minutes"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         unknown_tags = sorted(set(self.tag_weights) - set(TAGS))
         if unknown_tags:
             raise ConfigError(f"tag_weights: unknown tag(s) {unknown_tags}; tags are {', '.join(TAGS)}")
@@ -178,15 +131,6 @@ class TrainConfig:
                 check_options("judge", self.judge, self.judge_options)
         except (UnknownNameError, TypeError) as e:
             raise ConfigError(str(e)) from e
-
-    @property
-    def batch_size(self) -> int:
-        """Samples per iteration on one process."""
-        return self.prompts_per_iter * self.group_size
-
-    @property
-    def micro_batches_per_step(self) -> int:
-        return self.batch_size // self.micro_batch // self.optimizer_steps
 
 
 PRESETS: dict[str, dict] = {

@@ -29,6 +29,14 @@ class WeightEMA:
                 self.shadow[n].lerp_(p.detach(), 1 - d)
         self.updates += 1
 
+    def load(self, shadow: dict[str, torch.Tensor], *, updates: int, where: str = "checkpoint") -> None:
+        """Restore a saved average (names must match the trainable parameters) and its update count."""
+        if set(shadow) != set(self.shadow):
+            raise ValueError(f"{where}: its weight EMA does not match the run's trainable parameters")
+        for n, t in shadow.items():
+            self.shadow[n].copy_(t)
+        self.updates = updates
+
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module):
         """Swap the average into the model for the duration of the block, then restore the live weights."""

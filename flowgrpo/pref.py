@@ -1,36 +1,49 @@
-"""Pref-GRPO: advantages from pairwise win rates within each group, optionally mixed with pointwise ones."""
+"""Pref-GRPO: advantages from pairwise win rates within each group, optionally mixed with pointwise ones.
+
+A group's members may live on different processes, so the images are gathered (as 8-bit pixels: what any judge
+looks at) and each process judges the groups g with g % world_size == rank; the win rates are then summed over
+processes, so every process holds all of them and the pairwise judge runs once per pair in the whole run.
+"""
 from __future__ import annotations
 
 import torch
 
-from flowgrpo.config import TrainConfig
 from flowgrpo.core import AdvantageResult, compute_advantages, winrate_from_preferences
-from flowgrpo.policies.flow import Rollout
 from flowgrpo.rewards import PairwiseJudge, preference_matrix
 
 
-def group_winrates(judge: PairwiseJudge, ro: Rollout) -> torch.Tensor:
-    """Each sample's mean win probability against the other members of its group (all G(G-1)/2 pairs)."""
-    wins = torch.empty(len(ro))
-    for g in ro.group_ids.unique():
-        rows = torch.nonzero(ro.group_ids == g).flatten()
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> uint8 (the images a judge compares)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def group_winrates(judge: PairwiseJudge, images: torch.Tensor, plan) -> torch.Tensor:
+    """Each global sample's mean win probability against the other members of its group (all G(G-1)/2 pairs),
+    [B] on every process; ``images`` are the global batch's uint8 pixels [B, 3, H, W]."""
+    dist = plan.dist
+    wins = torch.zeros(len(plan.rows), dtype=torch.float64)
+    for g in plan.group_ids.unique().tolist():
+        if g % dist.world_size != dist.rank:
+            continue
+        rows = torch.nonzero(plan.group_ids == g).flatten()
         first = int(rows[0])
-        s = preference_matrix(judge, ro.prompts[first], ro.images[rows], ro.metadata[first])
-        wins[rows] = winrate_from_preferences(s).float()
-    return wins
+        s = preference_matrix(judge, plan.rows[first]["prompt"], images[rows].float() / 255, plan.rows[first])
+        wins[rows] = winrate_from_preferences(s).double()
+    return dist.all_reduce(wins.to(dist.device)).cpu().float()
 
 
-def pref_advantages(judge: PairwiseJudge, ro: Rollout, rewards: torch.Tensor, cfg: TrainConfig) -> AdvantageResult:
-    """`winrate` advantages; with pointwise_weight w > 0: (1 - w) A_winrate + w A_pointwise."""
-    wins = group_winrates(judge, ro)
-    adv = compute_advantages("winrate", wins, ro.group_ids, adv_clip=cfg.adv_clip, zero_std=cfg.zero_std)
+def pref_advantages(judge: PairwiseJudge, images: torch.Tensor, plan, cfg,
+                    pointwise: AdvantageResult | None = None) -> AdvantageResult:
+    """`winrate` advantages of this process's rows from its ``images`` [b, 3, H, W]; with ``pointwise`` advantages
+    and cfg.pointwise_weight w > 0: (1 - w) A_winrate + w A_pointwise."""
+    wins = group_winrates(judge, plan.gather(to_pixels(images)), plan)
+    adv = compute_advantages("winrate", wins, plan.group_ids, adv_clip=cfg.adv_clip or None, zero_std=cfg.zero_std)
+    a, v = adv.advantages[plan.indices].float(), adv.valid[plan.indices]
     stats = {**adv.stats, "winrate_std": float(wins.std())}
-    if cfg.pointwise_weight == 0:
-        return AdvantageResult(adv.advantages, adv.valid, stats)
-    point = compute_advantages(cfg.advantage, rewards, ro.group_ids, adv_clip=cfg.adv_clip, zero_std=cfg.zero_std,
-                               **cfg.advantage_options)
-    valid = adv.valid & point.valid
     w = cfg.pointwise_weight
-    mixed = torch.where(valid, (1 - w) * adv.advantages + w * point.advantages, torch.zeros_like(adv.advantages))
-    stats.update({f"pointwise/{k}": v for k, v in point.stats.items()})
+    if pointwise is None or w == 0:
+        return AdvantageResult(a, v, stats)
+    valid = v & pointwise.valid
+    mixed = torch.where(valid, (1 - w) * a + w * pointwise.advantages.float(), torch.zeros_like(a))
+    stats.update({f"pointwise/{k}": x for k, x in pointwise.stats.items()})
     return AdvantageResult(mixed, valid, stats)

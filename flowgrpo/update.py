@@ -1,86 +1,126 @@
-"""One GRPO policy update on a batch of flow rollouts (PPO-clip over SDE steps, optional KL)."""
+"""The one PPO-clip update of every trainer: images (SDE steps) and text (tokens) alike.
+
+A process's share of an iteration is a grid of elements (rows x steps): the trained SDE steps of each image, or the
+completion tokens of each text. The policy evaluates it chunk by chunk — a micro-batch of rows times a slice of
+step columns — through three callbacks: ``log_prob`` (with gradient), ``reference_out`` (the frozen reference, only
+when beta > 0) and ``kl``. Each optimizer step first builds its loss weights W from the masks of ALL its rows on ALL
+processes, so its gradient is that of the whole global batch, whatever the micro-batch size, the order of the
+backward passes or the number of processes (DDP averages gradients over ranks, so each rank scales its loss by the
+number of ranks).
+"""
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 
-from flowgrpo.config import TrainConfig
-from flowgrpo.core import AdvantageResult, gaussian_mean_kl, loss_weights, ppo_clip_loss
-from flowgrpo.policies.flow import FlowPolicy, Rollout
-from flowgrpo.samplers.rollout import dance_train_steps
-
-
-def budget_progress(cfg: TrainConfig, iteration: int, train_seconds: float) -> float:
-    """Fraction of the training budget used: iterations or training minutes, whichever runs out first."""
-    done = iteration / cfg.iterations
-    if cfg.max_minutes:
-        done = max(done, train_seconds / (60 * cfg.max_minutes))
-    return min(done, 1.0)
+from flowgrpo.core import loss_weights, ppo_clip_loss
+from flowgrpo.distributed import Dist
+from flowgrpo.settings import BatchLayout, GRPOSettings
 
 
-def scheduled_lr(cfg: TrainConfig, progress: float) -> float:
-    """The learning rate at `progress` in [0, 1] of the budget: constant, or a linear / cosine decay from lr to
-    lr_final x lr. A wall-clock budget makes the iteration count unknown up front, hence progress, not steps."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    decay = 1 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * decay)
+@dataclass
+class UpdateBatch:
+    """One process's rows of an iteration, in its layout order, as the update sees them."""
+
+    rollout: Any  # the policy's own rollout (images or tokens)
+    mask: Tensor  # [b, S] 0/1: the elements that carry loss
+    advantages: Tensor  # [b], or [b, S] for per-step advantages
+    valid: Tensor  # [b] bool: rows with an advantage (False = zero weight)
+    sampled_logp: Tensor  # [b, S] log-probs recorded while sampling
+    max_len: int  # S of the widest batch any process can have (pads the masks gathered for W)
+    # True: the first epoch's recomputed log-probs are the behaviour policy's (text: the sampler's KV-cache
+    # arithmetic differs from the training forward in the last bits); False: the sampled ones are (images).
+    recompute_old: bool = False
 
 
-def train_step_indices(ro: Rollout, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Per-row SDE steps to train on, ``[B, S]``: all of a row's SDE steps, or a random subset of
-    `train_steps` of them, the same for every row (DanceGRPO). Every row must have the same number of SDE steps."""
-    mask = ro.sde_mask.expand(len(ro), ro.sde_mask.shape[-1])
-    counts = mask.sum(dim=1)
-    if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
-        raise ValueError(f"every row needs the same, nonzero number of SDE steps; got {sorted(set(counts.tolist()))}")
-    steps = torch.nonzero(mask)[:, 1].view(len(ro), -1)
-    if cfg.train_steps and cfg.train_steps < steps.shape[1]:
-        steps = steps[:, dance_train_steps(steps.shape[1], cfg.train_steps, generator)]
-    return steps
+def _global_weights(batch: UpdateBatch, cfg: GRPOSettings, layout: BatchLayout, dist: Dist) -> list[Tensor]:
+    """Per optimizer step, this process's rows of W [rows_per_step, S] (scaled by the world size for DDP)."""
+    b, s = batch.mask.shape
+    padded = torch.zeros(b, batch.max_len, dtype=torch.float32)
+    padded[:, :s] = batch.mask.float().cpu() * batch.valid.float().cpu()[:, None]
+    everyone = dist.gather(padded.to(dist.device)).cpu().view(dist.world_size, b, batch.max_len)
+    rps, out = layout.rows_per_step, []
+    for o in range(layout.optimizer_steps):
+        step_mask = everyone[:, o * rps : (o + 1) * rps].reshape(-1, batch.max_len)
+        w = loss_weights(step_mask, cfg.loss_agg, max_len=batch.max_len)
+        mine = w.view(dist.world_size, rps, batch.max_len)[dist.rank, :, :s]
+        out.append(mine * dist.world_size)
+    return out
 
 
-def grpo_update(policy: FlowPolicy, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                ro: Rollout, adv: AdvantageResult, steps: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
-    """PPO-clip updates over `optimizer_steps` slices of the batch, `inner_epochs` times, on the per-row
-    SDE steps `steps` [B, S] (see `train_step_indices`; [S] = the same steps for every row).
+def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module, batch: UpdateBatch,
+               cfg: GRPOSettings, layout: BatchLayout, dist: Dist) -> dict[str, float]:
+    """``cfg.inner_epochs`` passes of ``layout.optimizer_steps`` PPO-clip optimizer steps over this process's rows.
 
-    Each optimizer step builds its loss weights W from all of its rows and steps first, then
-    backpropagates micro-batch by micro-batch and step by step: the gradient is exactly that of
-    the whole slice, whatever the micro-batch size.
+    ``module`` is the (possibly DDP-wrapped) trained module: gradients are reduced over processes on the last
+    backward pass of each optimizer step only. Returns metrics over all processes.
     """
-    steps = steps.expand(len(ro), steps.shape[-1])
-    rows_per_step = cfg.micro_batches_per_step * cfg.micro_batch
-    sums: dict[str, list[float]] = defaultdict(list)
-    for _ in range(cfg.inner_epochs):
-        for o in range(cfg.optimizer_steps):
-            lo = o * rows_per_step
-            mask = torch.ones(rows_per_step, steps.shape[1])
-            W = loss_weights(mask, cfg.loss_agg, valid=adv.valid[lo : lo + rows_per_step])
-            for m in range(lo, lo + rows_per_step, cfg.micro_batch):
-                rows = slice(m, m + cfg.micro_batch)
-                w_rows = W[m - lo : m - lo + cfg.micro_batch]
-                for k in range(steps.shape[1]):
-                    j = steps[rows, k]
-                    logp, mean, std = policy.step_log_prob(ro, rows, j, cfg.guidance)
-                    old = ro.log_probs[rows].gather(1, j[:, None]).squeeze(1)
-                    loss, st = ppo_clip_loss(logp[:, None], old[:, None], adv.advantages[rows],
-                                             cfg.clip_low, cfg.clip_high)
+    weights = _global_weights(batch, cfg, layout, dist)
+    columns = policy.columns(batch.rollout)
+    params = policy.trainable_parameters()
+    device = batch.mask.device
+    old = batch.sampled_logp.detach().clone()
+    ref_cache: dict[tuple[int, int], Any] = {}
+    sums: dict[str, float] = defaultdict(float)
+    ratio_min, ratio_max = math.inf, -math.inf
+    rps, micro = layout.rows_per_step, layout.micro_batch
+    for epoch in range(cfg.inner_epochs):
+        for o in range(layout.optimizer_steps):
+            w_step = weights[o].to(device)
+            chunks = [(m, c) for m in range(o * rps, (o + 1) * rps, micro) for c in range(len(columns))]
+            for n, (m, c) in enumerate(chunks):
+                rows, cols = slice(m, m + micro), columns[c]
+                with dist.no_sync(module, skip=n < len(chunks) - 1):
+                    logp, kl_in = policy.log_prob(batch.rollout, rows, cols)
+                    active = batch.mask[rows, cols] != 0
+                    if epoch == 0:
+                        sums["logp_diff"] = max(sums["logp_diff"], float(
+                            ((logp.detach() - batch.sampled_logp[rows, cols]).abs() * active).max().cpu()))
+                        if batch.recompute_old:
+                            old[rows, cols] = logp.detach()
+                    adv = batch.advantages[rows] if batch.advantages.ndim == 1 else batch.advantages[rows, cols]
+                    elem, st = ppo_clip_loss(logp, old[rows, cols], adv, cfg.clip_low, cfg.clip_high, mask=active)
+                    w = w_step[rows.start - o * rps : rows.stop - o * rps, cols]
                     if cfg.beta > 0:
-                        with torch.no_grad(), policy.reference() as ref:
-                            _, ref_mean, _ = policy.step_log_prob(ro, rows, j, cfg.guidance, transformer=ref, grad=False)
-                        kl = gaussian_mean_kl(mean, ref_mean, std)
-                        loss = loss + cfg.beta * kl[:, None]
-                        sums["kl"].append(float(kl.detach().mean()))
-                    (loss * w_rows[:, k : k + 1]).sum().backward()
-                    for name, value in st.items():
-                        sums[name].append(float(value))
-            sums["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+                        if (m, c) not in ref_cache:
+                            with torch.no_grad():
+                                ref_cache[(m, c)] = policy.reference_out(batch.rollout, rows, cols)
+                        kl = policy.kl(kl_in, ref_cache[(m, c)])
+                        elem = elem + cfg.beta * kl
+                        if epoch == 0:
+                            sums["kl"] += float((w * kl.detach()).sum()) / dist.world_size
+                    loss = (w * elem).sum()
+                    loss.backward()
+                n_active = int(active.sum())
+                if n_active:
+                    sums["clip_active"] += float(st["clip_frac"]) * n_active
+                    sums["elements"] += n_active
+                    ratio_min, ratio_max = min(ratio_min, float(st["ratio_min"])), max(ratio_max, float(st["ratio_max"]))
+                if epoch == 0:
+                    sums["loss"] += float(loss.detach()) / dist.world_size
+            sums["grad_norm"] += dist.clip_grad_norm(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    out = {k: sum(v) / len(v) for k, v in sums.items() if k not in ("ratio_min", "ratio_max")}
-    if sums["ratio_min"]:
-        out["ratio_min"], out["ratio_max"] = min(sums["ratio_min"]), max(sums["ratio_max"])
+    return _reduce_stats(sums, ratio_min, ratio_max, cfg, layout, dist)
+
+
+def _reduce_stats(sums: dict[str, float], ratio_min: float, ratio_max: float, cfg: GRPOSettings,
+                  layout: BatchLayout, dist: Dist) -> dict[str, float]:
+    """Metrics over all processes: sums of the loss and KL (W already splits them), element-weighted clip
+    fraction, extreme ratios, and the largest gap between sampled and recomputed log-probs."""
+    t = torch.tensor([sums["loss"], sums["kl"], sums["clip_active"], sums["elements"]], dtype=torch.float64)
+    loss, kl, clipped, elements = dist.all_reduce(t.to(dist.device)).cpu().tolist()
+    ext = torch.tensor([-ratio_min, ratio_max, sums["logp_diff"]], dtype=torch.float64)
+    neg_min, r_max, logp_diff = dist.all_reduce(ext.to(dist.device), "max").cpu().tolist()
+    out = {"loss": loss, "clip_frac": clipped / elements if elements else math.nan,
+           "ratio_min": -neg_min if elements else math.nan, "ratio_max": r_max if elements else math.nan,
+           "sampler_logp_max_diff": logp_diff,
+           "grad_norm": sums["grad_norm"] / (cfg.inner_epochs * layout.optimizer_steps)}
+    if cfg.beta > 0:
+        out["kl"] = kl / layout.optimizer_steps
     return out

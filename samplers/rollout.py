@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowgrpo.samplers.noise import KeyedNoise
 from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob, ode_step, sde_step
 
 __all__ = [
@@ -73,7 +74,8 @@ def sample_trajectory(
     sde_mask: Tensor,
     kind: str = "flow_grpo",
     noise_level: float = 0.7,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None = None,
+    noise: KeyedNoise | None = None,
     antithetic: bool = False,
     noise_freqs: int = 0,
 ) -> Trajectory:
@@ -87,11 +89,14 @@ def sample_trajectory(
         sde_mask: bool ``[T]``, or ``[B, T]`` for a per-row choice; True steps take ``sde_step(kind, ...)``,
             False steps the Euler ODE step.
         kind, noise_level: the SDE step (see ``SDE_STEPS``).
-        generator: the only randomness; may be None only when no step is stochastic.
+        generator: the randomness as one stream over the batch; or
+        noise: per-row keyed noise (``KeyedNoise``), so a row's draws do not depend on the batch it is sampled in.
+            Give one of the two when a step is stochastic; rows draw only at their own SDE steps.
         antithetic: rows 2j and 2j+1 take opposite noise (ε, −ε) at every SDE step. Each row is still an
             exact sample of the step's Gaussian, but a pair that shares its state (a G²RPO branch, or shared
             initial noise) then differs only through the direction of its noise, which cancels from the policy
-            gradient what the two members have in common. Needs an even batch.
+            gradient what the two members have in common. Needs an even batch. (With ``noise`` the pairs are
+            given by its keys and signs instead.)
         noise_freqs: k > 0 restricts the SDE noise to the k x k lowest DCT frequencies of each latent channel
             (the layout); the step is the ODE step in every other direction (see ``steps``).
 
@@ -110,8 +115,10 @@ def sample_trajectory(
         raise ValueError(f"unknown SDE kind {kind!r}; choose one of {sorted(SDE_STEPS)}")
     rows_sde = sde_mask.expand(batch, num_steps).to(x_init.device)
     stochastic = rows_sde.any(dim=0).tolist()
-    if any(stochastic) and generator is None:
-        raise ValueError("a generator is required when sde_mask has stochastic steps")
+    if any(stochastic) and (generator is None) == (noise is None):
+        raise ValueError("give exactly one of generator= or noise= when sde_mask has stochastic steps")
+    if noise is not None and len(noise) != batch:
+        raise ValueError(f"noise has {len(noise)} rows for a batch of {batch}")
     if antithetic and batch % 2:
         raise ValueError(f"antithetic noise pairs rows 2j and 2j+1: the batch must be even, got {batch}")
 
@@ -133,9 +140,14 @@ def sample_trajectory(
     for i, is_sde in enumerate(stochastic):
         sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
         v = velocity_fn(x, sigma.expand(batch))
-        if is_sde:  # noise is drawn for every row, so a row's draw does not depend on the other rows' masks
+        if is_sde:  # a generator draws for every row, so a row's draw does not depend on the other rows' masks
+            eps = None
+            if noise is not None:
+                shape = (x.shape[1], noise_freqs, noise_freqs) if noise_freqs else x.shape[1:]
+                eps = noise(i, shape, rows_sde[:, i], device=x.device)
             x_sde, mean, std = sde_step(kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max,
-                                        generator=generator, antithetic=antithetic, noise_freqs=noise_freqs)
+                                        generator=None if eps is not None else generator, noise=eps,
+                                        antithetic=antithetic and eps is None, noise_freqs=noise_freqs)
             log_prob = gaussian_log_prob(x_sde, mean, std, noise_freqs)
             here = rows_sde[:, i]
             if bool(here.all()):

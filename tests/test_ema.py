@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from flowgrpo.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from flowgrpo.checkpoint import (CheckpointError, TrainState, load_trainable, read_training,
+                                 trainable_state_dict, training_files, write_checkpoint_dir)
 from flowgrpo.ema import WeightEMA
 
 
@@ -45,17 +46,22 @@ def test_applied_swaps_the_average_in_and_restores_the_live_weights():
 def test_checkpoint_round_trip_restores_the_average_exactly(tmp_path):
     m = _model(0.3)
     opt = torch.optim.AdamW(m.parameters())
-    state = TrainState.fresh(0)
-    state.ema = WeightEMA(m, decay=0.9)
+    ema = WeightEMA(m, decay=0.9)
     with torch.no_grad():
         m.weight.fill_(0.7)
-    state.ema.update(m)
-    save_checkpoint(tmp_path / "ck", m, opt, state)
+    ema.update(m)
+    write_checkpoint_dir(tmp_path / "ck", training_files(trainable_state_dict(m), opt.state_dict(),
+                                                         TrainState(iteration=1), kind="test", config={},
+                                                         ema=ema.shadow))
+    loaded = read_training(tmp_path / "ck", kind="test")
     m2 = _model(0.0)
     ema2 = WeightEMA(m2, decay=0.9)
-    restored = load_checkpoint(tmp_path / "ck", m2, torch.optim.AdamW(m2.parameters()), ema2)
-    assert restored.ema is ema2 and ema2.updates == 1
-    assert torch.equal(ema2.shadow["weight"], state.ema.shadow["weight"]) and torch.equal(m2.weight, m.weight)
+    ema2.load(loaded.ema, updates=loaded.state.iteration)
+    load_trainable(m2, loaded.weights, "ck")
+    assert ema2.updates == 1
+    assert torch.equal(ema2.shadow["weight"], ema.shadow["weight"]) and torch.equal(m2.weight, m.weight)
+    with pytest.raises(ValueError, match="its weight EMA does not match"):
+        ema2.load({"bias": torch.zeros(1)}, updates=1)
     (tmp_path / "ck" / "ema.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="ema.safetensors"):
-        load_checkpoint(tmp_path / "ck", m2, torch.optim.AdamW(m2.parameters()), ema2)
+    with pytest.raises(CheckpointError, match="ema.safetensors is missing"):
+        read_training(tmp_path / "ck", kind="test")

@@ -23,7 +23,7 @@ from flowgrpo.policies.flow import FlowPolicy, empty_components
 from flowgrpo.rewards import Reward, register_reward
 from flowgrpo.samplers.rollout import group_noise, sample_trajectory
 from flowgrpo.train import train
-from flowgrpo.update import grpo_update
+from tests.helpers import one_update
 from tests.tiny_pipelines import IMAGE_SIZE, tiny_flux, tiny_sana, tiny_sd3
 
 PROMPTS = ["a red circle on the left", "two blue dogs"]
@@ -185,17 +185,18 @@ def test_lora_export_loads_into_a_fresh_pipeline(models, name, tmp_path):
     ro = _sde_rollout(policy, 1.0)
     adv = compute_advantages("grpo", torch.tensor([0.1, 0.9, 0.4, 0.2]), ro.group_ids)
     cfg = TrainConfig(prompts_per_iter=2, group_size=2, micro_batch=2, optimizer_steps=1, lr=3e-2)
-    grpo_update(policy, torch.optim.AdamW(params, lr=cfg.lr), params, ro, adv, torch.arange(3), cfg)
+    one_update(policy, torch.optim.AdamW(params, lr=cfg.lr), ro, adv, torch.arange(3), cfg)
     policy.save(tmp_path / "lora")
 
     fresh = DiffusionPipeline.from_pretrained(models[name], **empty_components(models[name]))
     x, sigma = ro.latents[:, 1], ro.sigmas[1].expand(4)
     cond = policy.cond(ro.prompts)
+    spec = dict(dtype=policy.transformer.dtype, config=policy.transformer.config)
     with torch.no_grad():
-        base = policy.family.velocity(fresh.transformer, x, sigma, cond)
-        trained = policy.family.velocity(policy.transformer, x, sigma, cond)
+        base = policy.family.velocity(fresh.transformer, x, sigma, cond, **spec)
+        trained = policy.family.velocity(policy.transformer, x, sigma, cond, **spec)
         fresh.load_lora_weights(tmp_path / "lora")
-        loaded = policy.family.velocity(fresh.transformer, x, sigma, cond)
+        loaded = policy.family.velocity(fresh.transformer, x, sigma, cond, **spec)
     assert (trained - base).abs().max() > 1e-3  # the update moved the policy
     assert (loaded - trained).abs().max() < 1e-5
 
@@ -230,10 +231,11 @@ def test_train_iteration_save_and_exact_resume(models, name, tmp_path):
     train(_train_cfg(models, name, tmp_path / "b", prompts, eval_prompts, 1))
     resumed = train(_train_cfg(models, name, tmp_path / "b", prompts, eval_prompts, 2))
     assert straight["iterations"] == resumed["iterations"] == 2
+    last = [tmp_path / run / "checkpoints" / "iter-000002" for run in "ab"]
     for f in ("weights.safetensors", "ema.safetensors"):
-        weights = [(tmp_path / run / "checkpoint" / f).read_bytes() for run in "ab"]
+        weights = [(ck / f).read_bytes() for ck in last]
         assert weights[0] == weights[1]  # 1 + 1 resumed iterations == 2 straight, bit for bit
-    states = [json.loads((tmp_path / run / "checkpoint" / "state.json").read_text()) for run in "ab"]
+    states = [json.loads((ck / "state.json").read_text()) for ck in last]
     assert [h["reward_mean"] for h in states[0]["history"]["train"]] == \
         [h["reward_mean"] for h in states[1]["history"]["train"]]
     base, last = straight["base"], straight["trained"]

@@ -5,7 +5,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from flowgrpo.policies.llm import LLMPolicy, SamplingConfig, TokenRollout, _plain_copy, _top_p_filter, load_causal_lm
+from flowgrpo.checkpoint import CheckpointError
+from flowgrpo.policies.llm import (LLMPolicy, SamplingConfig, TokenRollout, _inverse_cdf, _plain_copy, _top_p_filter,
+                                  load_causal_lm)
 from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
 
 
@@ -162,6 +164,26 @@ def test_sampling_is_reproducible_from_the_generator(tiny):
     assert not torch.equal(a.completion_ids, c.completion_ids)
 
 
+def test_keyed_rows_sample_the_same_completion_in_any_batch(tiny):
+    """A row's tokens come from its own keyed uniforms: sampled with other rows (other padding, other batch
+    size) or in two halves, it completes the same way. That is what makes a run independent of its process count."""
+    model, tok = tiny
+    policy = LLMPolicy(model, tok, SamplingConfig(max_new_tokens=6))
+    prompts, keys = ["ab", "c", "xyzw", "ab"], [(3, 5, 0, i) for i in range(4)]
+    whole = policy.rollout(prompts, keys=keys)
+    halves = [policy.rollout(prompts[:2], keys=keys[:2]), policy.rollout(prompts[2:], keys=keys[2:])]
+    assert whole.completions == halves[0].completions + halves[1].completions
+    assert whole.completions[0] != whole.completions[3]  # the same prompt under another key
+    with pytest.raises(ValueError, match="exactly one of generator= or keys="):
+        policy.rollout(prompts, torch.Generator(), keys=keys)
+
+
+def test_inverse_cdf_sampling_hand_computed():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]] * 6)  # cdf 0.1, 0.1, 0.7, 1.0: a zero-mass token is never drawn
+    u = torch.tensor([0.0, 0.05, 0.1, 0.69, 0.71, 0.999])
+    assert _inverse_cdf(probs, u).tolist() == [0, 0, 2, 2, 3, 3]
+
+
 def test_lora_reference_is_the_base_model(tiny, tmp_path):
     model, tok = tiny
     base = AutoModelForCausalLM.from_pretrained(model.name_or_path).eval()
@@ -174,17 +196,19 @@ def test_lora_reference_is_the_base_model(tiny, tmp_path):
     want = LLMPolicy(base, tok, SamplingConfig(max_new_tokens=5)).log_prob(r)
     assert torch.allclose(ref, want, atol=1e-6)
     assert not torch.allclose(policy.log_prob(r), want, atol=1e-3)  # the adapter is active outside
-    # trainable parameters round-trip through safetensors
+    # trainable parameters round-trip by name (what checkpoints hold)
     names = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert names and all("lora_" in n for n in names)
-    policy.save(tmp_path / "w.safetensors")
     before = policy.trainable_state_dict()
+    assert set(before) == names
     with torch.no_grad():
         for p in policy.trainable_parameters():
             p.add_(1.0)
-    policy.load(tmp_path / "w.safetensors")
+    policy.load_trainable_state_dict(before)
     after = policy.trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(CheckpointError, match="does not match the model's trainable parameters"):
+        policy.load_trainable_state_dict({k: v for k, v in list(before.items())[1:]})
 
 
 def test_no_reference_is_a_clear_error(tiny):

@@ -14,6 +14,7 @@ from flowgrpo.core import ADVANTAGES
 from flowgrpo.llm import GRPO, GRPOConfig
 from flowgrpo.policies.llm import LLMPolicy
 from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
+from flowgrpo.samplers.noise import Stream
 
 PROMPTS = [{"prompt": p, "answer": str(i)} for i, p in enumerate(["ab", "xyz", "hello", "q", "12+3", "zz", "k", "mn"])]
 STOPS = tuple("aeiou,.;:!")  # frequent stops -> completions of different lengths
@@ -39,47 +40,65 @@ def vowels(prompts, completions, **_):
 
 def _trainer(path, reward_fns=distinct, **kw):
     model, tok = _load(path)
-    cfg = dict(num_generations=4, prompts_per_step=2, max_new_tokens=8, learning_rate=1e-2, stop=STOPS)
+    cfg = dict(group_size=4, prompts_per_iter=2, max_new_tokens=8, lr=1e-2, stop=STOPS)
     cfg.update(kw)
     return GRPO(model, tok, reward_fns, **cfg)
 
 
-def _grads(trainer):
-    return {n: p.grad.clone() for n, p in trainer.policy.model.named_parameters() if p.grad is not None}
+def _record_grads(trainer) -> dict:
+    """The gradients the optimizer is asked to apply (the update frees them after its step), by parameter name."""
+    seen, inner = {}, trainer.trainer.optimizer.optimizer
+    names = {id(p): n for n, p in trainer.policy.model.named_parameters()}
+    step = inner.step
+
+    def recording_step(*args, **kwargs):
+        seen.update({names[id(p)]: p.grad.clone() for g in inner.param_groups for p in g["params"] if p.grad is not None})
+        return step(*args, **kwargs)
+
+    inner.step = recording_step
+    return seen
 
 
 # ---- configuration --------------------------------------------------------------------------------
 @pytest.mark.parametrize(("kwargs", "msg"), [
-    ({"micro_batch_size": 3}, r"micro_batch_size=3 does not divide batch_size=8 \(= prompts_per_step 2 × num_generations 4\)"),
+    ({"micro_batch_size": 3}, r"samples per iteration = prompts_per_iter x group_size = 2 x 4 = 8: each of 1 "
+                              r"process\(es\) holds 8 samples per optimizer step \(optimizer_steps=1\), not a multiple "
+                              r"of micro_batch=3"),
     ({"advantage": "nope"}, "unknown advantage"),
-    ({"num_generations": 1}, "num_generations must be >= 2"),
+    ({"num_generations": 1}, "group_size must be >= 2"),
     ({"advantage": "stratified"}, "alpha"),
     ({"loss_agg": "mean"}, "unknown loss_agg"),
-    ({"save_every": 5}, "output_dir"),
+    ({"save_every": 5}, "needs an out directory"),
     ({"temperature": 0.0}, "temperature"),
     ({"advantage_opts": {"tracker": None}}, "supplied by the trainer"),
 ])
 def test_config_errors_name_the_numbers(kwargs, msg):
+    """TRL's names are accepted (num_generations = group_size, micro_batch_size = micro_batch, ...)."""
     with pytest.raises(ValueError, match=msg):
-        GRPOConfig(**{"num_generations": 4, "prompts_per_step": 2, **kwargs})
+        GRPOConfig.from_kwargs(**{"num_generations": 4, "prompts_per_step": 2, **kwargs})
 
 
-def test_config_derived_sizes():
-    cfg = GRPOConfig(num_generations=6, prompts_per_step=4, micro_batch_size=8)
-    assert (cfg.batch_size, cfg.micro_batch, cfg.grad_accum_steps) == (24, 8, 3)
-    assert GRPOConfig(num_generations=1, advantage="spo").batch_size == 4  # SPO needs no group
+def test_config_derived_sizes_and_trl_names():
+    cfg = GRPOConfig(group_size=6, prompts_per_iter=4, micro_batch=8)
+    assert cfg == GRPOConfig.from_kwargs(num_generations=6, prompts_per_step=4, micro_batch_size=8)
+    assert (cfg.batch_size, cfg.layout(1).micro_batches_per_step, cfg.layout(3).micro_batches_per_step) == (24, 3, 1)
+    assert GRPOConfig(group_size=1, advantage="spo").batch_size == 4  # SPO needs no group
+    trl = GRPOConfig.from_kwargs(learning_rate=1e-5, eps_low=0.1, epsilon_high=0.3, num_iterations=2,
+                                 max_grad_norm=None, output_dir=None, advantage_opts={"scale": "none"})
+    assert (trl.lr, trl.clip_low, trl.clip_high, trl.inner_epochs, trl.grad_clip, trl.out) == (1e-5, 0.1, 0.3, 2, 0, "")
+    assert trl.advantage_options == {"scale": "none"}
 
 
 def test_trainer_argument_errors(path):
     model, tok = _load(path)
-    with pytest.raises(TypeError, match="unknown GRPO settings"):
+    with pytest.raises(TypeError, match="unknown GRPO setting 'num_generation'"):
         GRPO(model, tok, distinct, num_generation=4)
     with pytest.raises(ValueError, match="reward_weights has 1 entries for 2 reward functions"):
         GRPO(model, tok, [distinct, vowels], reward_weights=[1.0])
     with pytest.raises(ValueError, match="reward_fns"):
         GRPO(model, tok, [])
     tr = _trainer(path)
-    with pytest.raises(ValueError, match="prompts_per_step=2"):
+    with pytest.raises(ValueError, match="an iteration takes prompts_per_iter=2 prompts, got 3"):
         tr.step(PROMPTS[:3])
     bad = _trainer(path, reward_fns=lambda prompts, completions, **_: [1.0])
     with pytest.raises(ValueError, match="returned 1 values for 8 completions"):
@@ -91,11 +110,11 @@ def test_trainer_argument_errors(path):
 
 # ---- exactness ----------------------------------------------------------------------------------
 def test_first_inner_step_has_ratio_one_and_later_steps_move(path):
-    one = _trainer(path, num_iterations=1).step(PROMPTS[:2])
+    one = _trainer(path, inner_epochs=1).step(PROMPTS[:2])
     assert one["ratio_min"] == 1.0 and one["ratio_max"] == 1.0
     # the sampler's own log-probs (KV cache, left padding) agree with the training forward: |r - 1| < 1e-5
     assert math.expm1(one["sampler_logp_max_diff"]) < 1e-5
-    three = _trainer(path, num_iterations=3).step(PROMPTS[:2])
+    three = _trainer(path, inner_epochs=3).step(PROMPTS[:2])
     assert max(three["ratio_max"] - 1, 1 - three["ratio_min"]) > 1e-3  # later inner epochs are off-policy
     assert three["loss"] == pytest.approx(one["loss"], abs=1e-7)  # the first inner step is the same
 
@@ -110,11 +129,11 @@ def test_gradient_is_independent_of_micro_batching(path, loss_agg, beta):
     def reward(prompts, completions, **_):
         return [None] + distinct(prompts, completions[1:])
 
-    kw = dict(loss_agg=loss_agg, beta=beta, advantage_opts={"scale": "none"}, max_grad_norm=None, reward_fns=reward)
+    kw = dict(loss_agg=loss_agg, beta=beta, advantage_options={"scale": "none"}, grad_clip=0, reward_fns=reward)
     whole = _trainer(path, **kw)
-    split = _trainer(path, micro_batch_size=2, **kw)  # 4 micro-batches
+    split = _trainer(path, micro_batch=2, **kw)  # 4 micro-batches
+    g1, g4 = _record_grads(whole), _record_grads(split)
     m1, m4 = whole.step(PROMPTS[:2]), split.step(PROMPTS[:2])
-    g1, g4 = _grads(whole), _grads(split)
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6, abs=1e-7)
     assert 1 < m1["completion_len"] < 8  # completions of different lengths make the normaliser matter
     scale = max(float(g.abs().max()) for g in g1.values())
@@ -134,8 +153,8 @@ def _count_calls(module, predicate=lambda: True):
 def test_frozen_reference_runs_only_when_beta_positive(path, beta):
     ref, _ = _load(path)
     calls = _count_calls(ref)
-    tr = GRPO(*_load(path), distinct, ref_model=ref, beta=beta, num_generations=4, prompts_per_step=2,
-              micro_batch_size=4, max_new_tokens=6)
+    tr = GRPO(*_load(path), distinct, ref_model=ref, beta=beta, group_size=4, prompts_per_iter=2,
+              micro_batch=4, max_new_tokens=6)
     m = tr.step(PROMPTS[:2])
     tr.step(PROMPTS[2:4])
     # per step: two micro-batches, each one prompt forward + one completion forward
@@ -149,8 +168,7 @@ def test_lora_reference_runs_only_when_beta_positive(path, beta):
     lora = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
     layers = [m for m in lora.modules() if isinstance(m, BaseTunerLayer)]
     calls = _count_calls(lora.get_base_model(), lambda: all(m.disable_adapters for m in layers))
-    tr = GRPO(lora, tok, distinct, beta=beta, num_generations=4, prompts_per_step=2, max_new_tokens=6,
-              learning_rate=1e-2)
+    tr = GRPO(lora, tok, distinct, beta=beta, group_size=4, prompts_per_iter=2, max_new_tokens=6, lr=1e-2)
     m = tr.step(PROMPTS[:2])
     assert len(calls) == (0 if beta == 0 else 2)  # prompt forward + completion forward
     if beta:
@@ -164,12 +182,13 @@ def test_none_reward_gets_zero_weight_hand_computed_gradient(path):
     def reward(prompts, completions, **_):
         return [None] + [len(set(c)) / 8 for c in completions[1:]]
 
-    tr = _trainer(path, reward_fns=reward, num_generations=3, max_grad_norm=None)
-    # replay the same rollout from the same seed to build the expectation independently
+    tr = _trainer(path, reward_fns=reward, group_size=3, grad_clip=0)
+    got = _record_grads(tr)
+    # replay the same rollout from the same keys (seed 0, iteration 0, sample i) to build the expectation independently
     probe, _ = _load(path)
-    gen = torch.Generator().manual_seed(0)
     policy = LLMPolicy(probe, tr.policy.tokenizer, tr.config.sampling)
-    rollout = policy.rollout([r["prompt"] for r in PROMPTS[:2] for _ in range(3)], gen)
+    rollout = policy.rollout([r["prompt"] for r in PROMPTS[:2] for _ in range(3)],
+                             keys=[(0, Stream.TOKENS, 0, i) for i in range(6)])
     m = tr.step(PROMPTS[:2])
     assert m["adv/n_nan"] == 1.0 and m["adv/n_valid"] == 5.0
     r = torch.tensor([math.nan] + [len(set(c)) / 8 for c in rollout.completions[1:]], dtype=torch.float64)
@@ -183,7 +202,6 @@ def test_none_reward_gets_zero_weight_hand_computed_gradient(path):
     per_row = (logp * mask).sum(1) / mask.sum(1)
     loss = -(adv[1:].float() * per_row[1:]).sum() / 5
     loss.backward()
-    got = _grads(tr)
     for name, p in probe.named_parameters():
         assert torch.allclose(got[name], p.grad, atol=1e-6, rtol=1e-4), name
 
@@ -197,11 +215,12 @@ def test_reward_functions_get_columns_and_multi_reward_matrix(path):
 
     tr = _trainer(path, reward_fns=[spy, vowels], reward_weights=[0.5, 2.0], advantage="gdpo")
     m = tr.step(PROMPTS[:2])
+    assert m["adv/n_valid"] == 8.0
     assert seen["prompts"] == ["ab"] * 4 + ["xyz"] * 4
     assert seen["answer"] == ["0"] * 4 + ["1"] * 4
     tok = tr.policy.tokenizer
     assert [tok.decode(i, skip_special_tokens=True) for i in seen["ids"]] == seen["completions"]
-    assert m["reward"] == pytest.approx(0.5 + 2.0 * m["reward/vowels"])
+    assert m["reward_mean"] == pytest.approx(0.5 + 2.0 * m["reward/vowels"])
     assert m["reward/spy"] == 1.0
 
 
@@ -221,7 +240,7 @@ def test_chat_prompts_give_chat_completions(path):
 def test_every_core_estimator_runs_by_name(path, name):
     opts = {"alpha": 0.5} if name == "stratified" else {}
     rows = [dict(r, strata=i % 2) for i, r in enumerate(PROMPTS)]
-    tr = _trainer(path, advantage=name, advantage_opts=opts, num_generations=5)
+    tr = _trainer(path, advantage=name, advantage_options=opts, group_size=5)
     m = tr.step(rows[:2])
     assert m["adv/n_valid"] == (8.0 if name == "mc_grpo" else 10.0)  # MC-GRPO drops one pivot per group
     assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
@@ -230,7 +249,7 @@ def test_every_core_estimator_runs_by_name(path, name):
 
 
 def test_stratified_needs_a_strata_column(path):
-    tr = _trainer(path, advantage="stratified", advantage_opts={"alpha": 0.5})
+    tr = _trainer(path, advantage="stratified", advantage_options={"alpha": 0.5})
     with pytest.raises(ValueError, match="'strata' column"):
         tr.step(PROMPTS[:2])
 
@@ -239,27 +258,30 @@ def test_stratified_needs_a_strata_column(path):
 @pytest.mark.parametrize("advantage", ["grpo", "spo"])
 def test_resume_gives_the_identical_next_steps(path, tmp_path, advantage):
     data = PROMPTS[:6]  # 3 batches per epoch: the run crosses an epoch boundary
-    a = _trainer(path, advantage=advantage, num_iterations=2, micro_batch_size=4)
+    a = _trainer(path, advantage=advantage, inner_epochs=2, micro_batch=4)
     a.train(data, num_steps=2, progress=False)
     a.save_checkpoint(tmp_path / "ck")
     after_a = a.train(data, num_steps=5, progress=False)
-    b = _trainer(path, advantage=advantage, num_iterations=2, micro_batch_size=4)
+    b = _trainer(path, advantage=advantage, inner_epochs=2, micro_batch=4)
     b.load_checkpoint(tmp_path / "ck")
     after_b = b.train(data, num_steps=5, progress=False)
-    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("time_")} for m in ms]
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith(("time_", "seconds", "train_min"))}  # noqa: E731
+                        for m in ms]
     assert strip(after_a) == strip(after_b)
     sa, sb = a.policy.trainable_state_dict(), b.policy.trainable_state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert (b.step_count, b.epoch, b.batch_in_epoch) == (5, 1, 2)
-    with pytest.raises(ValueError, match="prompts_per_step: checkpoint 2 vs now 4"):
-        _trainer(path, prompts_per_step=4).load_checkpoint(tmp_path / "ck")
+    assert b.step_count == 5 and len(b.history) == 5
+    with pytest.raises(ValueError, match="prompts_per_iter: checkpoint 2 vs now 4"):
+        _trainer(path, prompts_per_iter=4).load_checkpoint(tmp_path / "ck")
 
 
 def test_train_on_datasets_dataset_raises_reward(path, tmp_path):
-    tr = _trainer(path, reward_fns=vowels, num_generations=8, stop=(), output_dir=str(tmp_path), save_every=10,
-                  learning_rate=3e-2)
+    tr = _trainer(path, reward_fns=vowels, group_size=8, stop=(), out=str(tmp_path), save_every=10, lr=3e-2)
     hist = tr.train(Dataset.from_list(PROMPTS), num_steps=20, progress=False)
-    first, last = sum(h["reward"] for h in hist[:3]) / 3, sum(h["reward"] for h in hist[-3:]) / 3
+    first, last = sum(h["reward_mean"] for h in hist[:3]) / 3, sum(h["reward_mean"] for h in hist[-3:]) / 3
     assert first < 0.3 and last > 0.8
-    assert (tmp_path / "checkpoint-10" / "trainable.safetensors").is_file()
-    assert (tmp_path / "checkpoint-20" / "state.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter-000010", "iter-000020"]
+    assert (tmp_path / "checkpoints" / "iter-000020" / "weights.safetensors").is_file()
+    again = _trainer(path, reward_fns=vowels, group_size=8, stop=(), out=str(tmp_path), save_every=10, lr=3e-2)
+    assert again.train(Dataset.from_list(PROMPTS), num_steps=20, progress=False) == []  # resumed at step 20
+    assert again.step_count == 20

@@ -1,12 +1,12 @@
-"""Our per-micro-batch GRPO loss equals TRL's, computed by TRL itself.
+"""The trainer's PPO update (`flowgrpo.update.ppo_update`) computes TRL's GRPO loss, computed by TRL itself.
 
 TRL (dev-only dependency) is called directly: ``GRPOTrainer._compute_loss(model, inputs)`` on a
 trainer built around a second copy of the same tiny Qwen2, with inputs taken from our rollout
 (left-padded prompts, completions of different lengths), perturbed old/reference log-probs so
 that clipping and the KL term are active, and random advantages (TRL's ratio-weighted KL
 correction is switched off: its default multiplies k3 by the importance ratio, which is 1 on the
-first inner step anyway). Loss values and gradients must
-agree for each TRL loss type and the equivalent flowgrpo aggregation.
+first inner step anyway). Loss values and gradients must agree for each TRL loss type and the equivalent
+flowgrpo aggregation.
 """
 
 import tempfile
@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from trl import GRPOConfig as TRLConfig
 from trl import GRPOTrainer
 
-from flowgrpo.core import loss_weights
-from flowgrpo.llm import micro_batch_loss
 from flowgrpo.policies.llm import LLMPolicy, SamplingConfig
 from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
+from flowgrpo.settings import GRPOSettings
+from flowgrpo.update import UpdateBatch, ppo_update
+from tests.helpers import single
 
 # TRL loss_type -> flowgrpo loss_agg (one micro-batch, one process)
 EQUIVALENT = {
@@ -51,6 +52,27 @@ def setup(tmp_path_factory):
     return path, tok, policy, rollout, old, ref, adv
 
 
+class GradientRecorder(torch.optim.AdamW):
+    """AdamW (lr 0: nothing moves) that keeps the gradients it was asked to apply."""
+
+    def step(self, closure=None):
+        self.seen = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"]}
+        return super().step(closure)
+
+
+class FixedReference:
+    """The policy, with given reference log-probs (perturbed, so the KL term is active)."""
+
+    def __init__(self, policy, ref):
+        self.policy, self.ref = policy, ref
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def reference_out(self, rollout, rows, cols):
+        return self.ref[rows, cols]
+
+
 def _trl_trainer(path, tok, loss_type, beta):
     model = AutoModelForCausalLM.from_pretrained(path)
     args = TRLConfig(
@@ -74,13 +96,12 @@ def test_loss_and_gradient_equal_trl(setup, loss_type, beta):
     assert int(m.sum(1).min()) < int(m.sum(1).max())  # varied lengths make the aggregations differ
     assert bool((r.prompt_mask.sum(1) < r.prompt_mask.shape[1]).any())  # some prompts are left-padded
 
-    weights = loss_weights(m, EQUIVALENT[loss_type], max_len=MAX_NEW)
-    policy.model.zero_grad()
-    logp = policy.log_prob(r)
-    ours, stats = micro_batch_loss(logp, old, adv, weights, eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=beta,
-                                   ref_logp=ref if beta else None)
-    ours.backward()
-    assert 0 < float(stats["clip_frac"]) < 1  # both branches of the clip are exercised
+    cfg = GRPOSettings(prompts_per_iter=B // G, group_size=G, micro_batch=0, loss_agg=EQUIVALENT[loss_type],
+                       clip_low=EPS_LOW, clip_high=EPS_HIGH, beta=beta, grad_clip=0, lr=1e-3)
+    optimizer = GradientRecorder(policy.model.parameters(), lr=0.0)
+    batch = UpdateBatch(r, m, adv, torch.ones(B, dtype=torch.bool), old, max_len=MAX_NEW)
+    stats = ppo_update(FixedReference(policy, ref), optimizer, policy.model, batch, cfg, cfg.layout(1), single())
+    assert 0 < stats["clip_frac"] < 1  # both branches of the clip are exercised
 
     trainer = _trl_trainer(path, tok, loss_type, beta)
     inputs = {
@@ -93,8 +114,9 @@ def test_loss_and_gradient_equal_trl(setup, loss_type, beta):
     theirs = trainer._compute_loss(trainer.model, inputs)
     theirs.backward()
 
-    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5, abs=1e-6)
+    assert stats["loss"] == pytest.approx(float(theirs.detach()), rel=1e-5, abs=1e-6)
     trl_params = dict(trainer.model.named_parameters())
     for name, p in policy.model.named_parameters():
-        scale = float(p.grad.abs().max()) + 1e-8
-        assert (p.grad - trl_params[name].grad).abs().max() <= 1e-4 * scale, name
+        grad = optimizer.seen[id(p)]
+        scale = float(grad.abs().max()) + 1e-8
+        assert (grad - trl_params[name].grad).abs().max() <= 1e-4 * scale, name

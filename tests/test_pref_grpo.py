@@ -1,4 +1,6 @@
 """Pref-GRPO: win rates over all pairs of a group, winrate advantages, mixing with pointwise advantages."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -6,11 +8,20 @@ import torch
 from flowgrpo.config import TrainConfig
 from flowgrpo.core import compute_advantages
 from flowgrpo.policies.flow import Rollout
-from flowgrpo.pref import group_winrates, pref_advantages
+from flowgrpo.pref import group_winrates, pref_advantages, to_pixels
 from flowgrpo.prompts.shapes import all_prompts
 from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.shapes.data import images_to_tensor
+from flowgrpo.settings import BatchLayout
 from flowgrpo.shapes.render import render
+from flowgrpo.trainer import Plan
+from tests.helpers import single
+
+
+def _plan(entries: list[dict], group_ids: torch.Tensor) -> Plan:
+    """One process's plan over groups of any size."""
+    n = len(entries)
+    return Plan(0, 0, entries, group_ids, torch.arange(n), BatchLayout(n, 1, 1, n), single())
 
 
 def _rollout_of(images: torch.Tensor, entries: list[dict], group_ids: torch.Tensor) -> Rollout:
@@ -35,16 +46,17 @@ def test_winrates_and_advantages_match_hand_computation():
     scores = build_reward("shapes")(ro.images, ro.prompts, ro.metadata)
     assert scores.tolist() == pytest.approx([1.0, 1.0, 2 / 3, 1 / 3, 1.0, 2 / 3, 1.0])  # presence, colour, quality / count, exclude
     judge = build_judge("shapes", temperature=0.1)
-    wins = group_winrates(judge, ro)
+    plan = _plan(entries, gids)
+    wins = group_winrates(judge, to_pixels(ro.images), plan)
     for rows in (range(0, 4), range(4, 7)):
         r = scores[list(rows)]
         s = torch.sigmoid((r[:, None] - r[None, :]) / 0.1)
         expected = (s.sum(1) - 0.5) / (len(r) - 1)  # diagonal sigmoid(0) = 0.5 excluded
         torch.testing.assert_close(wins[list(rows)], expected)
     cfg = TrainConfig(prompts_per_iter=1, group_size=7, micro_batch=7, optimizer_steps=1)
-    adv = pref_advantages(judge, ro, scores, cfg)
-    torch.testing.assert_close(adv.advantages, compute_advantages("winrate", wins, gids, adv_clip=5.0).advantages)
-    mixed = pref_advantages(judge, ro, scores, TrainConfig(prompts_per_iter=1, group_size=7, micro_batch=7,
-                                                           optimizer_steps=1, pointwise_weight=0.25))
-    point = compute_advantages("grpo", scores, gids, adv_clip=5.0).advantages
-    torch.testing.assert_close(mixed.advantages, 0.75 * adv.advantages + 0.25 * point)
+    adv = pref_advantages(judge, ro.images, plan, cfg)
+    torch.testing.assert_close(adv.advantages,
+                               compute_advantages("winrate", wins, gids, adv_clip=5.0).advantages.float())
+    point = compute_advantages("grpo", scores, gids, adv_clip=5.0)
+    mixed = pref_advantages(judge, ro.images, plan, replace(cfg, pointwise_weight=0.25), point)
+    torch.testing.assert_close(mixed.advantages, 0.75 * adv.advantages + 0.25 * point.advantages)

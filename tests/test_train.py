@@ -6,16 +6,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowgrpo.checkpoint import load_checkpoint
+from flowgrpo.checkpoint import CheckpointError
 from flowgrpo.config import ConfigError, TrainConfig, make_config
 from flowgrpo.core import compute_advantages
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.samplers.rollout import coarse_tail, group_noise
 from flowgrpo.samplers.schedules import offset_schedule
+from flowgrpo.settings import budget_progress
 from flowgrpo.shapes.model import TransformerSpec, build_pipeline
-from flowgrpo.train import granular_advantages, sde_mask_for, train
-from flowgrpo.update import budget_progress, grpo_update, scheduled_lr, train_step_indices
+from flowgrpo.strategies import STRATEGIES
+from flowgrpo.train import draw_prompts, train
+from tests.helpers import flow_trainer, make_plan, one_update
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares"]
 
@@ -87,16 +89,18 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antit
     cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=4,
                       strategy="g2rpo", sde_steps=3, antithetic=antithetic, noise_freqs=noise_freqs)
     g = torch.Generator().manual_seed(4)
-    gids = torch.arange(2).repeat_interleave(4)
-    mask = sde_mask_for(cfg, gids, g)
+    plan = make_plan([{"prompt": p} for p in PROMPTS], 4, iteration=4)
+    strategy = STRATEGIES["g2rpo"](cfg)
+    mask = strategy.sde_mask(plan)
     assert mask.shape == (8, 4) and (mask.sum(dim=1) == 1).all() and not mask[:, 3].any()
+    assert all(torch.equal(mask[4 * k], mask[4 * k + j]) for k in range(2) for j in range(4))  # one branch per group
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
     sigmas = offset_schedule(policy.sigmas(12), 4, offset) if offset else policy.sigmas(4)
-    ro = policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, gids, x, sigmas=sigmas,
+    ro = policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, plan.group_ids, x, sigmas=sigmas,
                         sde_mask=mask, guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g,
                         antithetic=cfg.antithetic, noise_freqs=cfg.noise_freqs)
     assert ro.noise_freqs == noise_freqs
-    steps = train_step_indices(ro, cfg, g)
+    steps = strategy.train_steps(ro.sde_mask, plan)
     assert torch.equal(steps[:, 0], mask.float().argmax(dim=1))
     for start in (0, 4):
         rows = slice(start, start + 4)
@@ -115,11 +119,11 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antit
 
 def _g2rpo_rollout(policy, cfg, seed):
     g = torch.Generator().manual_seed(seed)
-    gids = torch.arange(2).repeat_interleave(4)
+    plan = make_plan([{"prompt": p} for p in PROMPTS], 4, iteration=seed)
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
-    return policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, gids, x, sigmas=policy.sigmas(cfg.num_steps),
-                          sde_mask=sde_mask_for(cfg, gids, g), guidance=4.5, kind="flow_grpo", noise_level=0.7,
-                          generator=g)
+    return policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, plan.group_ids, x,
+                          sigmas=policy.sigmas(cfg.num_steps), sde_mask=STRATEGIES["g2rpo"](cfg).sde_mask(plan),
+                          guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g)
 
 
 def test_multi_granularity_finishes_each_branch_on_the_coarse_schedule(tiny_model):
@@ -143,17 +147,20 @@ def test_multi_granularity_finishes_each_branch_on_the_coarse_schedule(tiny_mode
         policy.finish_coarse(_rollout(policy, torch.Generator().manual_seed(0)), 2, 4.5)
 
 
-def test_multi_granularity_advantages_sum_each_granularity(tiny_model):
-    """granular_advantages = the advantages of the sampled images + those of the coarse-finished ones."""
-    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+def test_multi_granularity_advantages_sum_each_granularity(tiny_model, tmp_path):
+    """G²RPO's advantages = the advantages of the sampled images + those of the coarse-finished ones."""
     cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=6,
-                      strategy="g2rpo", sde_steps=3, granularities=2)
-    ro = _g2rpo_rollout(policy, cfg, seed=6)
+                      strategy="g2rpo", sde_steps=3, granularities=2, out=str(tmp_path), log_with="")
+    trainer = flow_trainer(cfg)
+    task, policy = trainer.task, trainer.task.policy
 
     def reward_fn(images, prompts, metadata):  # any image statistic will do
         return images.mean(dim=(1, 2, 3))
 
-    adv = granular_advantages(cfg, policy, ro, reward_fn(ro.images, None, None), reward_fn, None, None)
+    task.reward_fn = reward_fn
+    ro = _g2rpo_rollout(policy, cfg, seed=6)
+    plan = make_plan([{"prompt": p} for p in PROMPTS], 4, iteration=6)
+    adv = task.advantages(ro, reward_fn(ro.images, None, None), plan, trainer)
     a1 = compute_advantages("grpo", reward_fn(ro.images, None, None), ro.group_ids, adv_clip=cfg.adv_clip)
     a2 = compute_advantages("grpo", reward_fn(policy.finish_coarse(ro, 2, 4.5), None, None), ro.group_ids,
                             adv_clip=cfg.adv_clip)
@@ -185,7 +192,7 @@ def test_update_gradient_does_not_depend_on_micro_batching(tiny_model):
     for mb in (8, 4, 2):
         cfg = TrainConfig(prompts_per_iter=2, group_size=4, micro_batch=mb, optimizer_steps=1, loss_agg="token-mean")
         opt = RecordingAdamW(params, lr=0.0)
-        grpo_update(policy, opt, params, ro, adv, steps, cfg)
+        one_update(policy, opt, ro, adv, steps, cfg)
         grads[mb] = opt.seen
     ref = torch.cat([g.flatten() for g in grads[8]])
     assert ref.norm() > 0
@@ -201,12 +208,12 @@ def test_beta_zero_never_builds_the_reference_and_kl_starts_at_zero(tiny_model):
     adv = compute_advantages("grpo", torch.rand(8, generator=torch.Generator().manual_seed(0)), ro.group_ids)
     opt = torch.optim.AdamW(params, lr=1e-3)
     base = dict(prompts_per_iter=2, group_size=4, micro_batch=4, optimizer_steps=2)
-    stats = grpo_update(policy, opt, params, ro, adv, torch.arange(4), TrainConfig(beta=0.0, **base))
+    stats = one_update(policy, opt, ro, adv, torch.arange(4), TrainConfig(beta=0.0, **base))
     assert policy._reference is None and "kl" not in stats
     policy2 = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
     params2 = policy2.trainable_parameters()
-    stats = grpo_update(policy2, torch.optim.AdamW(params2, lr=1e-3), params2, ro, adv, torch.arange(4),
-                        TrainConfig(beta=0.1, optimizer_steps=1, **{k: v for k, v in base.items() if k != "optimizer_steps"}))
+    stats = one_update(policy2, torch.optim.AdamW(params2, lr=1e-3), ro, adv, torch.arange(4),
+                       TrainConfig(beta=0.1, optimizer_steps=1, **{k: v for k, v in base.items() if k != "optimizer_steps"}))
     assert policy2._reference is not None and stats["kl"] == pytest.approx(0.0, abs=1e-12)  # one step: policy == ref
 
 
@@ -221,13 +228,13 @@ def test_train_only_updates_the_matching_parameters_and_nothing_else(tiny_model,
     assert len(params) == 6
     ro = _rollout(policy, torch.Generator().manual_seed(3))
     adv = compute_advantages("grpo", torch.rand(8, generator=torch.Generator().manual_seed(1)), ro.group_ids)
-    grpo_update(policy, torch.optim.AdamW(params, lr=1e-2), params, ro, adv, torch.arange(4),
-                TrainConfig(prompts_per_iter=2, group_size=4, micro_batch=4, beta=0.1))
+    one_update(policy, torch.optim.AdamW(params, lr=1e-2), ro, adv, torch.arange(4),
+               TrainConfig(prompts_per_iter=2, group_size=4, micro_batch=4, beta=0.1))
     changed = {n for n, p in policy.transformer.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(names)
     # a run saves and restores just that subset
     train(_cfg(tiny_model, tmp_path / "run", eval_file, 1, trainable="context_embedder"))
-    assert set(load_file(tmp_path / "run" / "checkpoint" / "weights.safetensors")) == {
+    assert set(load_file(tmp_path / "run" / "checkpoints" / "iter-000001" / "weights.safetensors")) == {
         "context_embedder.weight", "context_embedder.bias"}
     assert train(_cfg(tiny_model, tmp_path / "run", eval_file, 2, trainable="context_embedder"))["iterations"] == 2
     with pytest.raises(ValueError, match="matches no transformer parameter"):
@@ -246,19 +253,17 @@ def _cfg(model, out, evalf, iterations, **kw):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(tiny_model, tmp_path, eval_file):
-    # the decay is set by the run's iteration budget; the rollout schedule's offsets come from the saved RNG
+    # the decay is set by the run's iteration budget; the schedule's offsets are keyed by (seed, iteration)
     sched = dict(lr_schedule="linear", lr_final=0.25, max_minutes=0, schedule_jitter=2)
     straight = train(_cfg(tiny_model, tmp_path / "a", eval_file, 3, **sched))
     train(_cfg(tiny_model, tmp_path / "b", eval_file, 1, **sched))
     resumed = train(_cfg(tiny_model, tmp_path / "b", eval_file, 3, **sched))
     assert straight["iterations"] == resumed["iterations"] == 3
+    last = lambda run: tmp_path / run / "checkpoints" / "iter-000003"  # noqa: E731
     for f in ("weights.safetensors", "ema.safetensors"):
-        wa = (tmp_path / "a" / "checkpoint" / f).read_bytes()
-        wb = (tmp_path / "b" / "checkpoint" / f).read_bytes()
-        assert wa == wb  # bit-identical weights and average after 1 + 2 iterations vs 3 straight
-    sa = json.loads((tmp_path / "a" / "checkpoint" / "state.json").read_text())
-    sb = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
-    assert sa["rollout_rng"] == sb["rollout_rng"] and sa["prompt_rng"] == sb["prompt_rng"]
+        assert (last("a") / f).read_bytes() == (last("b") / f).read_bytes()  # 1 + 2 iterations == 3 straight
+    sa = json.loads((last("a") / "state.json").read_text())
+    sb = json.loads((last("b") / "state.json").read_text())
     ra = [h["reward_mean"] for h in sa["history"]["train"]]
     rb = [h["reward_mean"] for h in sb["history"]["train"]]
     assert ra == rb
@@ -268,7 +273,8 @@ def test_resume_continues_exactly(tiny_model, tmp_path, eval_file):
     report = (tmp_path / "a" / "report.md").read_text()
     assert "| base |" in report and "| trained (3 it) |" in report and "Failed requirements" in report
     assert (tmp_path / "a" / "final" / "model_index.json").is_file()
-    ema = load_file(tmp_path / "a" / "checkpoint" / "ema.safetensors")
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["iter-000002", "iter-000003"]  # keep=2
+    ema = load_file(last("a") / "ema.safetensors")
     exported = FlowPolicy.from_pretrained(tmp_path / "a" / "final").transformer
     assert all(torch.equal(p, ema[n]) for n, p in exported.named_parameters())  # the export is the average
 
@@ -290,31 +296,34 @@ def test_full_export_samples_like_the_policy(tiny_model, tmp_path):
 
 def test_bad_checkpoints_are_refused_clearly(tiny_model, tmp_path, eval_file):
     train(_cfg(tiny_model, tmp_path / "run", eval_file, 1))
-    ckpt = tmp_path / "run" / "checkpoint"
-    policy = FlowPolicy.from_pretrained(tiny_model)
-    opt = torch.optim.AdamW(policy.trainable_parameters())
-    (ckpt / "state.json").write_text("{not json")
-    with pytest.raises(ValueError, match="is corrupt"):
-        load_checkpoint(ckpt, policy.transformer, opt)
+    ckpt = tmp_path / "run" / "checkpoints" / "iter-000001"
+    trainer = flow_trainer(_cfg(tiny_model, tmp_path / "other", eval_file, 1))
+    state = (ckpt / "state.json").read_text()
+    (ckpt / "state.json").write_text(state.replace('"iteration": 1', '"iteration": 7'))
+    with pytest.raises(CheckpointError, match=r"iter-000001: state.json is corrupt .* checksum differs"):
+        trainer.load(ckpt)
+    (ckpt / "state.json").write_text(state)
+    trainer.load(ckpt)  # intact again
     (ckpt / "optimizer.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"missing \['optimizer.pt'\]"):
-        load_checkpoint(ckpt, policy.transformer, opt)
-    other = build_pipeline(TransformerSpec(num_layers=2, attention_head_dim=8, num_attention_heads=2)).transformer
+    with pytest.raises(CheckpointError, match="iter-000001: optimizer.pt is missing"):
+        trainer.load(ckpt)
+    other = tmp_path / "bigger"
+    build_pipeline(TransformerSpec(num_layers=2, attention_head_dim=8, num_attention_heads=2)).save_pretrained(other)
     train(_cfg(tiny_model, tmp_path / "run2", eval_file, 1))
-    with pytest.raises(ValueError, match="does not match the model's trainable parameters"):
-        load_checkpoint(tmp_path / "run2" / "checkpoint", other, torch.optim.AdamW(other.parameters()))
+    with pytest.raises(CheckpointError, match="does not match the model's trainable parameters"):
+        flow_trainer(_cfg(other, tmp_path / "o2", eval_file, 1)).load(tmp_path / "run2" / "checkpoints" / "iter-000001")
 
 
 def test_learning_rate_schedules_by_hand():
     cfg = TrainConfig(lr=1.0, lr_final=0.2, iterations=100, max_minutes=10)
-    assert budget_progress(cfg, 25, 0.0) == 0.25
-    assert budget_progress(cfg, 25, 450.0) == 0.75  # 7.5 of 10 minutes: the time budget runs out first
-    assert budget_progress(cfg, 100, 900.0) == 1.0
-    assert budget_progress(replace(cfg, max_minutes=0), 25, 1e9) == 0.25
-    assert scheduled_lr(cfg, 0.5) == 1.0  # constant
+    assert budget_progress(25, 0.0, 100, 10) == 0.25
+    assert budget_progress(25, 450.0, 100, 10) == 0.75  # 7.5 of 10 minutes: the time budget runs out first
+    assert budget_progress(100, 900.0, 100, 10) == 1.0
+    assert budget_progress(25, 1e9, 100, 0) == 0.25
+    assert cfg.scheduled_lr(0.5) == 1.0  # constant
     linear, cosine = replace(cfg, lr_schedule="linear"), replace(cfg, lr_schedule="cosine")
-    assert [scheduled_lr(linear, p) for p in (0, 0.5, 1)] == pytest.approx([1.0, 0.6, 0.2])
-    assert [scheduled_lr(cosine, p) for p in (0, 0.25, 0.5, 1)] == pytest.approx([1.0, 0.2 + 0.8 * 0.8535534, 0.6, 0.2])
+    assert [linear.scheduled_lr(p) for p in (0, 0.5, 1)] == pytest.approx([1.0, 0.6, 0.2])
+    assert [cosine.scheduled_lr(p) for p in (0, 0.25, 0.5, 1)] == pytest.approx([1.0, 0.2 + 0.8 * 0.8535534, 0.6, 0.2])
     with pytest.raises(ConfigError, match="lr_schedule 'step' is not one of"):
         TrainConfig(lr_schedule="step")
     with pytest.raises(ConfigError, match=r"lr_final must be in \[0, 1\], got 1.5"):
@@ -322,13 +331,9 @@ def test_learning_rate_schedules_by_hand():
 
 
 def test_tag_weights_set_how_often_each_tag_is_drawn():
-    import numpy as np
-
-    from flowgrpo.train import sample_groups
-
     train_entries = load_split("train")
     cfg = TrainConfig(prompts_per_iter=8000, group_size=2, micro_batch=16)
-    tags = lambda c, seed: [e["tag"] for e in sample_groups(train_entries, c, np.random.default_rng(seed), 0)[0][::2]]
+    tags = lambda c, it: [e["tag"] for e in draw_prompts(train_entries, c, it)]  # noqa: E731
     uniform = tags(cfg, 0)
     assert uniform.count("counting") / 8000 == pytest.approx(1 / 6, abs=0.02)  # binomial SE 0.004
     weighted = tags(replace(cfg, tag_weights={"counting": 3, "colors": 0.5}), 0)
@@ -336,6 +341,7 @@ def test_tag_weights_set_how_often_each_tag_is_drawn():
     assert weighted.count("colors") / 8000 == pytest.approx(0.5 / 7.5, abs=0.02)
     assert weighted.count("position") / 8000 == pytest.approx(1 / 7.5, abs=0.02)
     assert tags(replace(cfg, tag_weights={}), 5) == tags(cfg, 5)  # no weights: the same draws as before the option
+    assert tags(cfg, 5) != tags(cfg, 6) and tags(replace(cfg, seed=1), 5) != tags(cfg, 5)  # keyed by seed, iteration
     with pytest.raises(ConfigError, match=r"tag_weights: unknown tag\(s\) \['count'\]; tags are single_object"):
         make_config("shapes", overrides={"tag_weights": "{count: 3}"})
     with pytest.raises(ConfigError, match="tag_weights must be positive numbers, got {'counting': 0}"):
@@ -361,10 +367,21 @@ def test_bad_reward_options_and_prompt_files_stop_train_before_it_touches_the_ru
 
 
 def test_config_validation_names_the_numbers(tmp_path):
-    with pytest.raises(ConfigError, match=r"12 x 8 = 96 is not a multiple of micro_batch=20"):
+    with pytest.raises(ConfigError, match=r"12 x 8 = 96: each of 1 process\(es\) holds 96 samples per optimizer step "
+                                          r"\(optimizer_steps=1\), not a multiple of micro_batch=20"):
         TrainConfig(micro_batch=20)
-    with pytest.raises(ConfigError, match=r"3 micro-batches per iteration cannot be split evenly into optimizer_steps=2"):
+    with pytest.raises(ConfigError, match=r"6 x 8 = 48: each of 1 process\(es\) holds 24 samples per optimizer step "
+                                          r"\(optimizer_steps=2\), not a multiple of micro_batch=16"):
         TrainConfig(micro_batch=16, prompts_per_iter=6, group_size=8, optimizer_steps=2)
+    cfg = TrainConfig()  # 96 samples: 2 processes hold 48 each (2 forward passes of 24), 5 processes cannot split them
+    assert (cfg.layout(2).per_process, cfg.layout(2).micro_batches_per_step) == (48, 2)
+    with pytest.raises(ConfigError, match=r"= 96 do not split evenly over 5 process\(es\) x optimizer_steps=1"):
+        cfg.layout(5)
+    with pytest.raises(ConfigError, match=r"each of 3 process\(es\) holds 32 samples per optimizer step "
+                                          r"\(optimizer_steps=1\), not a multiple of micro_batch=24"):
+        cfg.layout(3)
+    with pytest.raises(ConfigError, match="train_steps=2 picks DanceGRPO's trained subset: it needs strategy dance_grpo"):
+        TrainConfig(train_steps=2)
     with pytest.raises(ConfigError, match="unknown option"):
         make_config("shapes", overrides={"learning_rate": 1})
     with pytest.raises(ConfigError, match="needs --model PATH"):

@@ -26,7 +26,9 @@ class Family(Protocol):
     def encode(self, pipe, prompts: list[str]) -> Cond: ...
     # The unconditional CFG branch's conditioning (equal to `encode` except where the pipeline differs).
     def encode_negative(self, pipe, prompts: list[str]) -> Cond: ...
-    def velocity(self, transformer, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor: ...
+    # `forward` is the transformer or its data-parallel wrapper; dtype and config are the transformer's, read once
+    # by the policy (reading `transformer.dtype` walks every submodule).
+    def velocity(self, forward, x: Tensor, sigma: Tensor, cond: Cond, *, dtype: torch.dtype, config) -> Tensor: ...
     def latent_shape(self, pipe, height: int, width: int) -> tuple[int, ...]: ...
     def decode(self, pipe, latents: Tensor, height: int, width: int) -> Tensor: ...
     def sigmas(self, pipe, num_steps: int, height: int, width: int) -> Tensor: ...
@@ -62,9 +64,9 @@ class SD3Family:
 
     encode_negative = encode
 
-    def velocity(self, transformer, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        return transformer(hidden_states=x.to(transformer.dtype), encoder_hidden_states=cond["embeds"],
-                           pooled_projections=cond["pooled"], timestep=sigma * 1000.0, return_dict=False)[0]
+    def velocity(self, forward, x: Tensor, sigma: Tensor, cond: Cond, *, dtype: torch.dtype, config) -> Tensor:
+        return forward(hidden_states=x.to(dtype), encoder_hidden_states=cond["embeds"],
+                       pooled_projections=cond["pooled"], timestep=sigma * 1000.0, return_dict=False)[0]
 
     def latent_shape(self, pipe, height: int, width: int) -> tuple[int, ...]:
         f = pipe.vae_scale_factor
@@ -123,14 +125,14 @@ class FluxFamily:
 
     encode_negative = encode
 
-    def velocity(self, transformer, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+    def velocity(self, forward, x: Tensor, sigma: Tensor, cond: Cond, *, dtype: torch.dtype, config) -> Tensor:
         b, _, h, w = x.shape
-        dtype, device = transformer.dtype, x.device
+        device = x.device
         guidance = None
-        if transformer.config.guidance_embeds:
+        if config.guidance_embeds:
             guidance = torch.full((b,), self.guidance_scale, dtype=torch.float32, device=device)
         # FLUX's transformer takes the timestep in [0, 1] (it scales by 1000 itself): sigma, not sigma*1000.
-        out = transformer(hidden_states=pack_latents(x.to(dtype)), timestep=sigma.to(dtype), guidance=guidance,
+        out = forward(hidden_states=pack_latents(x.to(dtype)), timestep=sigma.to(dtype), guidance=guidance,
                           pooled_projections=cond["pooled"], encoder_hidden_states=cond["embeds"],
                           txt_ids=torch.zeros(cond["embeds"].shape[1], 3, dtype=dtype, device=device),
                           img_ids=latent_image_ids(h, w).to(device=device, dtype=dtype), return_dict=False)[0]
@@ -196,11 +198,10 @@ class SanaFamily:
     def encode_negative(self, pipe, prompts: list[str]) -> Cond:
         return self._encode(pipe, prompts, [])
 
-    def velocity(self, transformer, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        dtype = transformer.dtype
-        timestep = sigma * 1000.0 * transformer.config.timestep_scale
-        return transformer(x.to(dtype), encoder_hidden_states=cond["embeds"].to(dtype),
-                           encoder_attention_mask=cond["mask"], timestep=timestep, return_dict=False)[0]
+    def velocity(self, forward, x: Tensor, sigma: Tensor, cond: Cond, *, dtype: torch.dtype, config) -> Tensor:
+        timestep = sigma * 1000.0 * config.timestep_scale
+        return forward(x.to(dtype), encoder_hidden_states=cond["embeds"].to(dtype),
+                       encoder_attention_mask=cond["mask"], timestep=timestep, return_dict=False)[0]
 
     def latent_shape(self, pipe, height: int, width: int) -> tuple[int, ...]:
         f = pipe.vae_scale_factor

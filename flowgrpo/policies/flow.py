@@ -6,6 +6,10 @@ composition (same micro-batch chunks, conditional and unconditional branches as 
 so the importance ratio is exactly 1 before the first update. The unconditional CFG branch never
 enters the backward graph. `autocast` runs the transformer in mixed precision (e.g. bf16) while the
 sampler's and the loss's maths stay fp32. Prompt conditioning is cached: the text encoders are frozen.
+
+For the trainer (`flowgrpo.update`) the policy exposes its trained elements as a grid of rows x trained steps:
+`columns` (one step per forward), `log_prob`, `reference_out` and `kl` (the Gaussian-mean KL of the step).
+`bind` makes training forwards go through the data-parallel wrapper of the transformer.
 """
 from __future__ import annotations
 
@@ -19,7 +23,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowgrpo.checkpoint import load_trainable, trainable_state_dict
+from flowgrpo.core import gaussian_mean_kl
 from flowgrpo.policies.families import Cond, Family, family_for
+from flowgrpo.samplers.noise import KeyedNoise
 from flowgrpo.samplers.rollout import coarse_tail, sample_trajectory
 from flowgrpo.samplers.steps import gaussian_log_prob, transition_mean_std
 
@@ -61,9 +68,15 @@ class Rollout:
     noise_level: float
     images: Tensor  # [B, 3, H, W] in [0, 1]
     noise_freqs: int = 0  # > 0: the SDE noise lived in the lowest noise_freqs x noise_freqs DCT frequencies
+    guidance: float = 1.0  # the CFG scale sampling used (training recomputes with it)
+    train_steps: Tensor | None = None  # [B, S] the steps each row trains on (chosen by the rollout strategy)
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def trained_log_probs(self) -> Tensor:
+        """[B, S] the sampled log-probs of the trained steps."""
+        return self.log_probs.gather(1, self.train_steps)
 
 
 def _cat(conds: list[Cond]) -> Cond:
@@ -86,9 +99,22 @@ class FlowPolicy:
         self._reference = None
         self._train_only = False  # train_only() chose a subset of the transformer's parameters
         self.autocast: torch.dtype | None = None  # transformer compute dtype under torch.autocast; None = its own
+        self._forward = pipe.transformer  # what forwards go through: the transformer, or its data-parallel wrapper
+        self._dtype, self._config = pipe.transformer.dtype, pipe.transformer.config
         for module in (getattr(pipe, n, None) for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")):
             if module is not None:
                 module.requires_grad_(False).eval()
+
+    def to(self, device: torch.device | str) -> "FlowPolicy":
+        """Move the pipeline (and the cached conditioning) to ``device``."""
+        self.pipe.to(device)
+        self._cache = {p: {k: v.to(device) for k, v in c.items()} for p, c in self._cache.items()}
+        self._negative = None
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -155,6 +181,21 @@ class FlowPolicy:
             self.transformer.requires_grad_(True)
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    def trainable_module(self) -> torch.nn.Module:
+        """The module whose parameters train (what data parallelism wraps)."""
+        self.trainable_parameters()  # full fine-tuning: make sure its parameters require grad before wrapping
+        return self.transformer
+
+    def bind(self, module: torch.nn.Module) -> None:
+        """Run every forward through ``module`` (the transformer wrapped by DDP / FSDP)."""
+        self._forward = module
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return trainable_state_dict(self.transformer)
+
+    def load_trainable_state_dict(self, tensors: dict[str, Tensor], where: str = "checkpoint") -> None:
+        load_trainable(self.transformer, tensors, where)
+
     @contextlib.contextmanager
     def reference(self):
         """The frozen reference policy: LoRA disabled, or a frozen copy made on first use."""
@@ -209,23 +250,28 @@ class FlowPolicy:
         finally:
             self.autocast = saved
 
-    def _forward(self, tr, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+    def _call(self, tr, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        def run():
+            return self.family.velocity(tr, x, sigma, cond, dtype=self._dtype, config=self._config).float()
+
         if self.autocast is None:
-            return self.family.velocity(tr, x, sigma, cond).float()
-        with torch.autocast(tr.device.type, dtype=self.autocast):
-            return self.family.velocity(tr, x, sigma, cond).float()
+            return run()
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return run()
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, guidance: float, *, transformer=None,
                  grad: bool = False) -> Tensor:
-        """CFG velocity for one micro-batch; only the conditional branch may carry gradients."""
-        tr = transformer if transformer is not None else self.transformer
+        """CFG velocity for one micro-batch; only the conditional branch may carry gradients. Forwards with
+        gradient go through the bound (data-parallel) module, the others through the plain transformer: a
+        DDP forward is a collective, and sampling or evaluation need not run in step on every process."""
+        plain = transformer if transformer is not None else self.transformer
         with torch.set_grad_enabled(grad):
-            v_c = self._forward(tr, x, sigma, cond)
+            v_c = self._call(self._forward if grad and transformer is None else plain, x, sigma, cond)
         if guidance == 1.0:
             return v_c
         with torch.no_grad():
             neg = self.negative_cond(x.shape[0])
-            v_u = self._forward(tr, x, sigma, neg)
+            v_u = self._call(plain, x, sigma, neg)
         return v_u + guidance * (v_c - v_u)
 
     def _chunked_velocity(self, cond: Cond, guidance: float):
@@ -241,13 +287,15 @@ class FlowPolicy:
     @torch.no_grad()
     def rollout(self, prompts: list[str], metadata: list[dict], group_ids: Tensor, x_init: Tensor, *,
                 sigmas: Tensor, sde_mask: Tensor, guidance: float, kind: str, noise_level: float,
-                generator: torch.Generator, antithetic: bool = False, noise_freqs: int = 0) -> Rollout:
+                noise: KeyedNoise | None = None, generator: torch.Generator | None = None, antithetic: bool = False,
+                noise_freqs: int = 0) -> Rollout:
+        """Sample trajectories from ``x_init``; SDE noise from per-row ``noise`` (training) or one ``generator``."""
         cond = self.cond(prompts)
-        traj = sample_trajectory(self._chunked_velocity(cond, guidance), x_init, sigmas, sde_mask=sde_mask,
-                                 kind=kind, noise_level=noise_level, generator=generator, antithetic=antithetic,
-                                 noise_freqs=noise_freqs)
+        traj = sample_trajectory(self._chunked_velocity(cond, guidance), x_init.to(self.device), sigmas,
+                                 sde_mask=sde_mask, kind=kind, noise_level=noise_level, generator=generator,
+                                 noise=noise, antithetic=antithetic, noise_freqs=noise_freqs)
         return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
-                       kind, noise_level, self.decode(traj.latents[:, -1]), noise_freqs)
+                       kind, noise_level, self.decode(traj.latents[:, -1]), noise_freqs, guidance)
 
     @torch.no_grad()
     def finish_coarse(self, ro: Rollout, granularity: int, guidance: float) -> Tensor:
@@ -274,28 +322,49 @@ class FlowPolicy:
                           for s in range(0, latents.shape[0], self.micro_batch)])
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, num_steps: int, guidance: float, generator: torch.Generator) -> Tensor:
-        """Deterministic (ODE) samples for evaluation: images [B, 3, H, W] in [0, 1]."""
+    def generate(self, prompts: list[str], *, num_steps: int, guidance: float, generator: torch.Generator | None = None,
+                 x_init: Tensor | None = None) -> Tensor:
+        """Deterministic (ODE) samples for evaluation from ``x_init`` (or noise drawn from ``generator`` on CPU):
+        images [B, 3, H, W] in [0, 1]."""
         sigmas = self.sigmas(num_steps)
-        x = torch.randn((len(prompts), *self.latent_shape()), generator=generator)
-        traj = sample_trajectory(self._chunked_velocity(self.cond(prompts), guidance), x, sigmas,
-                                 sde_mask=torch.zeros(num_steps, dtype=torch.bool), generator=None)
+        x = x_init if x_init is not None else torch.randn((len(prompts), *self.latent_shape()), generator=generator)
+        traj = sample_trajectory(self._chunked_velocity(self.cond(prompts), guidance), x.to(self.device), sigmas,
+                                 sde_mask=torch.zeros(num_steps, dtype=torch.bool))
         return self.decode(traj.latents[:, -1])
 
     # --------------------------------------------------------------- training
-    def step_log_prob(self, ro: Rollout, rows: slice, step: int | Tensor, guidance: float, *,
+    def step_log_prob(self, ro: Rollout, rows: slice, step: int | Tensor, guidance: float | None = None, *,
                       transformer=None, grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """(log_prob [b], mean, std) of the stored transition at `step` (one index, or one per row [b])
-        for rows of the rollout."""
+        for rows of the rollout, with the rollout's CFG scale unless ``guidance`` is given."""
         step = torch.as_tensor(step).expand(len(ro.prompts[rows]))
         pick = torch.arange(len(step))
         x, x_next = ro.latents[rows][pick, step], ro.latents[rows][pick, step + 1]
-        sigma, sigma_next = ro.sigmas[step], ro.sigmas[step + 1]
-        v = self.velocity(x, sigma, self.cond(ro.prompts[rows]), guidance,
+        sigma, sigma_next = ro.sigmas[step].to(x.device), ro.sigmas[step + 1].to(x.device)
+        v = self.velocity(x, sigma, self.cond(ro.prompts[rows]), ro.guidance if guidance is None else guidance,
                           transformer=transformer, grad=grad)
         mean, std = transition_mean_std(ro.kind, x, v, sigma, sigma_next, ro.noise_level,
                                         sigma_max=float(ro.sigmas[1]), noise_freqs=ro.noise_freqs)
         return gaussian_log_prob(x_next, mean, std, ro.noise_freqs), mean, std
+
+    def columns(self, ro: Rollout) -> list[slice]:
+        """The trained steps are evaluated one column (one step per row) per forward pass."""
+        return [slice(k, k + 1) for k in range(ro.train_steps.shape[1])]
+
+    def log_prob(self, ro: Rollout, rows: slice, cols: slice) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """log-probs [b, 1] of the rows' trained step in column ``cols`` (with gradient), and (mean, std) for the KL."""
+        logp, mean, std = self.step_log_prob(ro, rows, ro.train_steps[rows, cols.start])
+        return logp[:, None], (mean, std)
+
+    def reference_out(self, ro: Rollout, rows: slice, cols: slice) -> Tensor:
+        """The reference policy's step mean for the same elements (no gradient)."""
+        with self.reference() as ref:
+            return self.step_log_prob(ro, rows, ro.train_steps[rows, cols.start], transformer=ref, grad=False)[1]
+
+    def kl(self, kl_in: tuple[Tensor, Tensor], ref_mean: Tensor) -> Tensor:
+        """KL of the step's Gaussian to the reference's, [b, 1] (means differ, std is shared)."""
+        mean, std = kl_in
+        return gaussian_mean_kl(mean, ref_mean, std)[:, None]
 
     # ---------------------------------------------------------------- export
     def save(self, path: str | Path) -> Path:

@@ -7,6 +7,11 @@ for the policy and for a reference (LoRA adapter disabled, or a frozen copy).
 
 Log-probs are those of the tempered full distribution, also when top-p truncates sampling (as in
 TRL); the sampler records the same quantity so the two can be compared token by token.
+
+Each row samples its tokens by inverse CDF from its own uniforms, drawn up front from a generator keyed by the
+row's global sample (``keys``) or from one ``generator``: a completion then does not depend on the batch it is
+sampled in, nor on how many processes share the run. For the trainer (`flowgrpo.update`) the completion tokens
+are one column chunk per forward pass, with the k3 KL to the reference.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+
+from flowgrpo.checkpoint import load_trainable, trainable_state_dict
+from flowgrpo.core import k3_kl
+from flowgrpo.samplers.noise import keyed_generator
 
 __all__ = ["SamplingConfig", "TokenRollout", "LLMPolicy", "load_causal_lm", "Prompt"]
 
@@ -153,6 +161,13 @@ def _distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, 
     return first.scatter_reduce(0, inverse, rows, "amin"), inverse
 
 
+def _inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """Token of each row [B] whose cumulative mass first exceeds u x the row's total (u in [0, 1) per row)."""
+    cdf = probs.cumsum(dim=-1)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1).to(cdf.dtype), right=True).squeeze(1)
+    return tok.clamp(max=probs.shape[-1] - 1)
+
+
 def _top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     """Zero the tail of each row outside the smallest set of tokens with mass >= top_p."""
     sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -176,6 +191,7 @@ class LLMPolicy:
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.ref_model = ref_model
+        self._forward = model  # training forwards: the model, or its data-parallel wrapper (`bind`)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
@@ -231,31 +247,45 @@ class LLMPolicy:
         first, inverse = _distinct_prompts(prompt_ids, prompt_mask)
         attn = prompt_mask[first].long()
         pos = (attn.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=self.model.config)  # `model` may be a data-parallel wrapper: read the policy's
+        name = _cache_kwarg(self.model)
         out = model(input_ids=prompt_ids[first], attention_mask=attn, position_ids=pos, use_cache=True,
-                    logits_to_keep=1, **{_cache_kwarg(model): cache})
+                    logits_to_keep=1, **{name: cache})
         cache.batch_select_indices(inverse)
-        return {_cache_kwarg(model): cache}, out.logits[inverse, -1], pos[inverse, -1:] + 1
+        return {name: cache}, out.logits[inverse, -1], pos[inverse, -1:] + 1
+
+    def _uniforms(self, b: int, generator: torch.Generator | None, keys: Sequence[Sequence[int]] | None) -> Tensor:
+        n = self.sampling.max_new_tokens
+        if (generator is None) == (keys is None):
+            raise ValueError("give exactly one of generator= or keys=")
+        if keys is None:
+            return torch.rand((b, n), generator=generator, dtype=torch.float64)
+        if len(keys) != b:
+            raise ValueError(f"{len(keys)} keys for {b} prompts")
+        return torch.stack([torch.rand(n, generator=keyed_generator(*k), dtype=torch.float64) for k in keys])
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[Prompt], generator: torch.Generator) -> TokenRollout:
-        """Sample one completion per prompt (repeat a prompt G times for a group)."""
+    def rollout(self, prompts: Sequence[Prompt], generator: torch.Generator | None = None, *,
+                keys: Sequence[Sequence[int]] | None = None) -> TokenRollout:
+        """Sample one completion per prompt (repeat a prompt G times for a group), from one ``generator`` or
+        from per-row ``keys``."""
         cfg = self.sampling
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
         b = prompt_ids.shape[0]
         device = prompt_ids.device
+        uniforms = self._uniforms(b, generator, keys).to(device)
         cache, logits, next_pos = self._prefill(self.model, prompt_ids, prompt_mask)
         attn = prompt_mask.long()
         eos = torch.tensor(sorted(self.eos_ids), device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         tokens, logps, masks = [], [], []
         texts: list[str | None] = [None] * b
-        for _ in range(cfg.max_new_tokens):
+        for t in range(cfg.max_new_tokens):
             logp_all = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)
             probs = logp_all.exp()
             if cfg.top_p < 1:
                 probs = _top_p_filter(probs, cfg.top_p)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            tok = _inverse_cdf(probs, uniforms[:, t])
             tok = torch.where(done, self.pad_id, tok)
             masks.append(~done)
             tokens.append(tok)
@@ -299,9 +329,25 @@ class LLMPolicy:
         logp = picked - torch.logsumexp(logits, dim=2)
         return logp.masked_fill(~r.completion_mask, 0.0)  # never NaN/garbage outside the mask
 
-    def log_prob(self, rollout: TokenRollout) -> Tensor:
-        """Completion token log-probs [B, T] under the current policy (differentiable; 0 outside the mask)."""
-        return self._token_logp(self.model, rollout)
+    def log_prob(self, rollout: TokenRollout, rows: slice | None = None,
+                 cols: slice | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Completion token log-probs [B, T] under the current policy (differentiable; 0 outside the mask).
+        With ``rows`` / ``cols`` (the trainer's chunk): those rows' log-probs, through the bound training module,
+        and the same tensor as the KL input."""
+        if rows is None:
+            return self._token_logp(self.model, rollout)
+        logp = self._token_logp(self._forward, rollout.select(rows))[:, cols]
+        return logp, logp
+
+    def columns(self, rollout: TokenRollout) -> list[slice]:
+        """All completion tokens of a row in one forward pass."""
+        return [slice(0, rollout.completion_ids.shape[1])]
+
+    def reference_out(self, rollout: TokenRollout, rows: slice, cols: slice) -> Tensor:
+        return self.ref_log_prob(rollout.select(rows))[:, cols]
+
+    def kl(self, logp: Tensor, ref_logp: Tensor) -> Tensor:
+        return k3_kl(logp, ref_logp)
 
     @contextmanager
     def reference(self) -> Iterator[PreTrainedModel]:
@@ -327,24 +373,16 @@ class LLMPolicy:
             raise ValueError("the model has no trainable parameters")
         return params
 
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model
+
+    def bind(self, module: torch.nn.Module) -> None:
+        """Run training forwards through ``module`` (the model wrapped by DDP / FSDP)."""
+        self._forward = module
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Copies of the trainable parameters by name (tied weights appear once)."""
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return trainable_state_dict(self.model)
 
-    def save(self, path: str | Path) -> None:
-        """Write the trainable parameters to a safetensors file."""
-        save_file(self.trainable_state_dict(), str(path))
-
-    def load(self, path: str | Path) -> None:
-        """Restore trainable parameters written by ``save``; names must match exactly."""
-        saved = load_file(str(path))
-        params = dict((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
-        if set(saved) != set(params):
-            missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-            raise ValueError(f"checkpoint {path} does not match the trainable parameters: "
-                             f"missing {missing[:5]}, unexpected {extra[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                if saved[name].shape != p.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(saved[name].shape)} != {tuple(p.shape)}")
-                p.copy_(saved[name])
+    def load_trainable_state_dict(self, tensors: dict[str, Tensor], where: str = "checkpoint") -> None:
+        load_trainable(self.model, tensors, where)

@@ -12,7 +12,8 @@ from flowgrpo.samplers.rollout import sample_trajectory
 def sd3_velocity(transformer: SD3Transformer2DModel, x: torch.Tensor, sigma: torch.Tensor,
                  embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """The SD3 transformer's velocity at noise level sigma[B], called as the training policy calls it."""
-    return SD3Family().velocity(transformer, x, sigma, {"embeds": embeds, "pooled": pooled})
+    return SD3Family().velocity(transformer, x, sigma, {"embeds": embeds, "pooled": pooled},
+                                dtype=transformer.dtype, config=transformer.config)
 
 
 def cfg_velocity(transformer, x, sigma, embeds, pooled, neg_embeds, neg_pooled, scale: float) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""The processes of a run: who we are, and the few collectives the trainer needs.
+
+Built on accelerate, so `accelerate launch` and `torchrun` both work, with DDP (or FSDP from an accelerate config)
+wrapping the trained module. On a machine without CUDA the accelerator is built with ``cpu=True``: that is what
+makes 2 processes under a launcher form one gloo group instead of two independent runs writing one folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor
+
+
+class LaunchError(RuntimeError):
+    """The launcher started several processes, but they do not form one process group."""
+
+
+class Dist:
+    """Rank, world size, device and collectives. With one process every collective is the identity."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+        self.device = accelerator.device
+        self.is_main = accelerator.is_main_process
+
+    @classmethod
+    def create(cls, **accelerator_kwargs) -> "Dist":
+        """The run's processes, from the launcher's environment (one process without a launcher).
+        Raises LaunchError when WORLD_SIZE > 1 but no process group of that size forms."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        # the models' buffers (e.g. positional tables) are constants: broadcasting them before every forward would
+        # be wasted traffic and would make every forward a collective
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        try:
+            accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp], **accelerator_kwargs)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise LaunchError(f"the launcher asked for {launched} processes (WORLD_SIZE={launched}) but the process "
+                              f"group could not be set up: {e}") from e
+        if accelerator.num_processes != launched:
+            raise LaunchError(f"the launcher asked for {launched} processes (WORLD_SIZE={launched}) but this process "
+                              f"sees {accelerator.num_processes}; run with `torchrun --nproc_per_node N` or "
+                              "`accelerate launch --multi_gpu --num_processes N`")
+        return cls(accelerator)
+
+    # ------------------------------------------------------------------ collectives
+    def gather(self, t: Tensor) -> Tensor:
+        """Concatenate ``t`` (same shape on every rank) over ranks, in rank order, on every rank."""
+        if self.world_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def gather_objects(self, items: Sequence) -> list:
+        """Concatenate lists of picklable objects over ranks, in rank order, on every rank."""
+        if self.world_size == 1:
+            return list(items)
+        out: list = [None] * self.world_size
+        torch_dist.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+
+    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
+        """Elementwise sum / min / max over ranks (a new tensor)."""
+        if self.world_size == 1:
+            return t.clone()
+        out = t.clone()
+        torch_dist.all_reduce(out, op={"sum": torch_dist.ReduceOp.SUM, "min": torch_dist.ReduceOp.MIN,
+                                       "max": torch_dist.ReduceOp.MAX}[op])
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch_dist.barrier()
+
+    # ------------------------------------------------------------------ training
+    def prepare(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """The module wrapped for data parallelism (DDP / FSDP as accelerate is configured) and its optimizer."""
+        return self.accelerator.prepare(module, optimizer)
+
+    def no_sync(self, module: torch.nn.Module, skip: bool):
+        """Accumulate gradients locally (no all-reduce) in this backward when ``skip``; the last backward of an
+        optimizer step runs outside it and reduces everything accumulated."""
+        if skip and self.world_size > 1:
+            return self.accelerator.no_sync(module)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, parameters, max_norm: float) -> float:
+        """Clip the (reduced) gradient to ``max_norm`` (0 = no clipping); returns the norm before clipping."""
+        norm = self.accelerator.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+        return float(norm)
+
+    def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(module)
