@@ -7,13 +7,15 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
+    from flowgrpo.checkpoint import CheckpointError
     from flowgrpo.config import ConfigError, make_config, overrides_from_args
+    from flowgrpo.distributed import LaunchError
     from flowgrpo.prompts.loaders import PromptFileError
     from flowgrpo.train import train
 
     try:
         train(make_config(args.preset, args.config, overrides_from_args(args)))
-    except (ConfigError, PromptFileError) as err:
+    except (ConfigError, PromptFileError, LaunchError, CheckpointError) as err:
         print(f"flowgrpo train: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,24 @@ from flowgrpo.strategies import Strategy
 from flowgrpo.update import UpdateBatch
 
 
+def initial_noise(cfg, plan, shape: tuple[int, ...]) -> Tensor:
+    """x_T of this process's rows [b, *shape]: keyed by group when the members share it, else by sample."""
+    keys = plan.group_ids[plan.indices] if cfg.shared_noise else plan.indices
+    per = int(cfg.shared_noise)  # a group's draw is not sample 0's
+    return keyed_normal([(cfg.seed, Stream.INIT, plan.iteration, per, int(k)) for k in keys], shape)
+
+
+def sde_noise(cfg, plan) -> KeyedNoise:
+    """Each row's SDE noise keyed by its sample; antithetic pairs (members 2j, 2j+1 of a group) share a key and
+    take opposite signs."""
+    idx = plan.indices
+    if cfg.antithetic:
+        keys, signs = idx // 2, 1.0 - 2.0 * (idx % 2).float()
+    else:
+        keys, signs = idx, None
+    return KeyedNoise([(cfg.seed, Stream.SDE, plan.iteration, int(k)) for k in keys], signs)
+
+
 class FlowTask:
     kind = "flow"
     reward_weights = None
@@ -34,32 +52,15 @@ class FlowTask:
         offset = int(plan.rng(2).integers(1, self.cfg.schedule_jitter + 1))
         return offset_schedule(self.fine, self.cfg.num_steps, offset)
 
-    def initial_noise(self, plan) -> Tensor:
-        """x_T of this process's rows [b, ...]: keyed by group when the members share it, else by sample."""
-        cfg, idx = self.cfg, plan.indices
-        keys = plan.group_ids[idx] if cfg.shared_noise else idx
-        return keyed_normal([(cfg.seed, Stream.INIT, plan.iteration, int(k)) for k in keys],
-                            self.policy.latent_shape())
-
-    def sde_noise(self, plan) -> KeyedNoise:
-        """Each row's SDE noise keyed by its sample; antithetic pairs (members 2j, 2j+1 of a group) share a key
-        and take opposite signs."""
-        cfg, idx = self.cfg, plan.indices
-        if cfg.antithetic:
-            keys, signs = idx // 2, 1.0 - 2.0 * (idx % 2).float()
-        else:
-            keys, signs = idx, None
-        return KeyedNoise([(cfg.seed, Stream.SDE, plan.iteration, int(k)) for k in keys], signs)
-
     def rollout(self, plan) -> Rollout:
         cfg, idx = self.cfg, plan.indices
         rows = plan.local_rows()
         mask = self.strategy.sde_mask(plan)
         local_mask = mask[idx] if mask.ndim == 2 else mask
-        ro = self.policy.rollout([r["prompt"] for r in rows], rows, plan.group_ids[idx], self.initial_noise(plan),
-                                 sigmas=self.schedule(plan), sde_mask=local_mask, guidance=cfg.guidance,
-                                 kind=cfg.sde_kind, noise_level=cfg.noise_level, noise=self.sde_noise(plan),
-                                 noise_freqs=cfg.noise_freqs)
+        ro = self.policy.rollout([r["prompt"] for r in rows], rows, plan.group_ids[idx],
+                                 initial_noise(cfg, plan, self.policy.latent_shape()), sigmas=self.schedule(plan),
+                                 sde_mask=local_mask, guidance=cfg.guidance, kind=cfg.sde_kind,
+                                 noise_level=cfg.noise_level, noise=sde_noise(cfg, plan), noise_freqs=cfg.noise_freqs)
         ro.train_steps = self.strategy.train_steps(ro.sde_mask.expand(len(ro), cfg.num_steps), plan)
         return ro
 

@@ -1,0 +1,152 @@
+"""Several processes (gloo on CPU, started by torchrun) give the run one process gives: same parameters after the
+same iterations for the flow trainer (the Shapes preset's G²RPO + Pref-GRPO) and the LLM trainer, a checkpoint
+written by 2 processes resumes on 1, and every sample's noise is its own whatever process draws it."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowgrpo.assets import SHAPES_MODEL
+from flowgrpo.config import TrainConfig
+from flowgrpo.flow_task import initial_noise, sde_noise
+from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
+from flowgrpo.prompts.shapes import load_split
+from flowgrpo.settings import BatchLayout
+from flowgrpo.trainer import Plan
+from tests.helpers import single
+
+TOLERANCE = 1e-5  # fp32: the ranks' partial gradients are summed in another order
+
+
+def _run(args: list[str], processes: int, tmp_path) -> None:
+    """Run ``python -m ...`` (or a script) on ``processes`` processes, one thread each."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.getcwd())
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd = launch + args if processes > 1 else [sys.executable] + args
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.slow
+def test_flow_trainer_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
+    evalf = tmp_path / "eval.jsonl"
+    evalf.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::60]))
+
+    def train(out: str, iterations: int, processes: int) -> None:
+        # the shapes preset on the shipped model (G²RPO branches, Pref-GRPO win rates from the verifier, KL), small:
+        # 4 prompts x 4 samples = 16 per iteration: 8 per process in 2 forward passes of 4
+        _run(["-m", "flowgrpo.cli", "train", "--out", out, "--iterations", str(iterations),
+              "--prompts-per-iter", "4", "--group-size", "4", "--micro-batch", "4", "--num-steps", "4",
+              "--sde-steps", "3", "--eval-prompts", str(evalf), "--eval-num-steps", "2",
+              "--eval-images-per-prompt", "2", "--eval-every", "100", "--save-every", "1", "--max-minutes", "0",
+              "--lr", "1e-3", "--log-with", ""], processes, tmp_path)
+
+    train("one", 2, 1)
+    train("two", 2, 2)
+    train("mixed", 1, 2)
+    train("mixed", 2, 1)  # resumes the 2-process checkpoint on 1 process
+    weights = {run: {it: load_file(tmp_path / run / "checkpoints" / f"iter-00000{it}" / "weights.safetensors")
+                     for it in (1, 2)} for run in ("one", "two", "mixed")}
+    base = load_file(SHAPES_MODEL / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert _max_diff(weights["one"][2], {k: base[k] for k in weights["one"][2]}) > 1e-4  # training moved the model
+    for it in (1, 2):
+        assert _max_diff(weights["one"][it], weights["two"][it]) <= TOLERANCE
+        assert _max_diff(weights["two"][it], weights["mixed"][it]) <= TOLERANCE
+    summaries = {run: json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")}
+    assert summaries["two"]["processes"] == 2
+    # the sharded evaluation scores the same images as one process
+    assert summaries["one"]["base"] == summaries["two"]["base"]
+    hist = {run: json.loads((tmp_path / run / "checkpoints" / "iter-000002" / "state.json").read_text())["history"]
+            for run in ("one", "two")}
+    for key in ("reward_mean", "adv/n_valid", "adv/winrate_std", "clip_frac"):
+        assert [h[key] for h in hist["one"]["train"]] == pytest.approx([h[key] for h in hist["two"]["train"]],
+                                                                       abs=1e-6), key
+
+
+LLM_SCRIPT = textwrap.dedent('''
+    import sys
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from flowgrpo.llm import GRPO
+
+    path, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    def distinct(prompts, completions, **_):
+        return [len(set(c)) / 8 for c in completions]
+
+    data = [{"prompt": p} for p in ["ab", "xyz", "hello", "q", "12+3", "zz", "k", "mn"]]
+    trainer = GRPO(AutoModelForCausalLM.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path), distinct,
+                   num_generations=4, prompts_per_step=2, micro_batch_size=2, max_new_tokens=8, learning_rate=1e-4,
+                   stop=tuple("aeiou"), advantage="spo", beta=0.05, output_dir=out, save_every=1)
+    trainer.train(data, num_steps=steps, progress=False)
+''')
+
+
+@pytest.mark.slow
+def test_llm_trainer_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
+    """The completions, rewards and SPO tracker are identical; the weights agree to the tolerance at a learning rate
+    of 1e-4: Adam moves an entry by about lr whatever the size of its gradient, so entries whose gradient is near 0
+    turn the summation-order rounding of 1 vs 2 processes into differences of order lr (4.8e-4 at lr 1e-2)."""
+    model = build_tiny_causal_lm(tmp_path / "tiny", seed=2)
+    script = tmp_path / "llm_run.py"
+    script.write_text(LLM_SCRIPT)
+    for out, steps, processes in (("one", 2, 1), ("two", 2, 2), ("mixed", 1, 2), ("mixed", 2, 1)):
+        _run([str(script), str(model), out, str(steps)], processes, tmp_path)
+    ck = lambda run, it: tmp_path / run / "checkpoints" / f"iter-00000{it}"  # noqa: E731
+    for it in (1, 2):
+        one, two, mixed = (load_file(ck(run, it) / "weights.safetensors") for run in ("one", "two", "mixed"))
+        assert _max_diff(one, two) <= TOLERANCE and _max_diff(two, mixed) <= TOLERANCE
+    states = [json.loads((ck(run, 2) / "state.json").read_text()) for run in ("one", "two")]
+    assert states[0]["tracker"] == states[1]["tracker"]  # SPO's per-prompt statistics, from the gathered rewards
+    first = load_file(ck("one", 1) / "weights.safetensors")
+    assert _max_diff(first, load_file(ck("one", 2) / "weights.safetensors")) > 5e-5  # the second step moved it
+    rewards = [[h["reward_mean"] for h in s["history"]["train"]] for s in states]
+    assert rewards[0] == rewards[1]
+
+
+def test_every_sample_draws_its_own_noise_whatever_process_draws_it():
+    """The initial noise each of 2 ranks draws for its rows equals what one process draws for the same global
+    samples, all of it pairwise distinct (without shared noise) or distinct across groups and equal within one;
+    SDE noise keys never repeat across ranks either."""
+    noise = {}
+    for shared in (False, True):
+        cfg = TrainConfig(prompts_per_iter=4, group_size=4, micro_batch=4, shared_noise=shared,
+                          strategy="flow_grpo")
+        rows = [{"prompt": str(i)} for i in range(4) for _ in range(4)]
+        group_ids = torch.arange(4).repeat_interleave(4)
+        per_rank = {}
+        for processes in (1, 2):
+            layout = BatchLayout(16, processes, 1, 4)
+            for rank in range(processes):
+                plan = Plan(3, cfg.seed, rows, group_ids, layout.local_indices(rank), layout, single())
+                per_rank[processes, rank] = (plan.indices, initial_noise(cfg, plan, (4, 8, 8)), sde_noise(cfg, plan).keys)
+        whole = per_rank[1, 0][1]
+        halves = torch.cat([per_rank[2, 0][1], per_rank[2, 1][1]])
+        assert torch.equal(halves, whole[torch.cat([per_rank[2, 0][0], per_rank[2, 1][0]])])
+        flat = whole.flatten(1)
+        same = (flat[:, None] == flat[None]).all(-1)
+        expected = group_ids[:, None] == group_ids[None] if shared else torch.eye(16, dtype=torch.bool)
+        assert torch.equal(same, expected)
+        sde_keys = per_rank[2, 0][2] + per_rank[2, 1][2]
+        assert len(set(sde_keys)) == 16 and sde_keys == per_rank[1, 0][2]
+        noise[shared] = whole
+    assert not torch.equal(noise[True][0], noise[False][0])
+
+
+def test_a_launcher_without_a_process_group_is_refused(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", HF_HUB_OFFLINE="1")
+    env.pop("MASTER_ADDR", None)
+    done = subprocess.run([sys.executable, "-m", "flowgrpo.cli", "train", "--out", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "flowgrpo train: error: the launcher asked for 2 processes (WORLD_SIZE=2)" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
