@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +29,7 @@ class Dist:
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.device = accelerator.device
         self.is_main = accelerator.is_main_process
+        self.traffic: Counter = Counter()  # bytes this process put into each kind of collective (benchmarks read it)
 
     @classmethod
     def create(cls, **accelerator_kwargs) -> "Dist":
@@ -44,6 +47,9 @@ class Dist:
         except (ValueError, RuntimeError, KeyError) as e:
             raise LaunchError(f"the launcher asked for {launched} processes (WORLD_SIZE={launched}) but the process "
                               f"group could not be set up: {e}") from e
+        if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise LaunchError(f"the accelerate config asks for {accelerator.distributed_type.name}; flowgrpo trains with "
+                              "DDP (`accelerate launch --multi_gpu`); sharded training is not supported yet")
         if accelerator.num_processes != launched:
             raise LaunchError(f"the launcher asked for {launched} processes (WORLD_SIZE={launched}) but this process "
                               f"sees {accelerator.num_processes}; run with `torchrun --nproc_per_node N` or "
@@ -55,6 +61,7 @@ class Dist:
         """Concatenate ``t`` (same shape on every rank) over ranks, in rank order, on every rank."""
         if self.world_size == 1:
             return t
+        self.traffic["gather"] += t.numel() * t.element_size()
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
         torch_dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
@@ -63,6 +70,7 @@ class Dist:
         """Concatenate lists of picklable objects over ranks, in rank order, on every rank."""
         if self.world_size == 1:
             return list(items)
+        self.traffic["gather_objects"] += len(pickle.dumps(list(items)))
         out: list = [None] * self.world_size
         torch_dist.all_gather_object(out, list(items))
         return [x for part in out for x in part]
@@ -71,6 +79,7 @@ class Dist:
         """Elementwise sum / min / max over ranks (a new tensor)."""
         if self.world_size == 1:
             return t.clone()
+        self.traffic["all_reduce"] += t.numel() * t.element_size()
         out = t.clone()
         torch_dist.all_reduce(out, op={"sum": torch_dist.ReduceOp.SUM, "min": torch_dist.ReduceOp.MIN,
                                        "max": torch_dist.ReduceOp.MAX}[op])
