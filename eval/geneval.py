@@ -14,6 +14,7 @@ from torchmetrics import Metric
 from tqdm import tqdm
 
 from flowgrpo.eval.grid import FAIL, PASS, image_grid
+from flowgrpo.prompts.loaders import ordered_tags
 from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.shapes import world as W
 from flowgrpo.shapes.verify import REQUIREMENT_KINDS, background_noise, spare_objects, verify
@@ -68,12 +69,6 @@ def _diversities(images: list[np.ndarray], entries: list[dict]) -> list[float]:
         by_prompt[json.dumps(e, sort_keys=True)].append(img.astype(np.float32))
     return [float(np.mean([np.abs(a - b).mean() for i, a in enumerate(imgs) for b in imgs[i + 1:]]))
             for imgs in by_prompt.values() if len(imgs) > 1]
-
-
-def ordered_tags(entries: list[dict]) -> list[str]:
-    """The tags present, GenEval's six in their order first, then any others alphabetically."""
-    present = {e["tag"] for e in entries}
-    return [t for t in W.TAGS if t in present] + sorted(present - set(W.TAGS))
 
 
 class GenevalMetric(Metric):
@@ -185,7 +180,7 @@ def evaluate(policy, entries: list[dict], *, images_per_prompt: int, num_steps: 
 
 def markdown_table(results: dict[str, dict]) -> str:
     """Rows: one per `GenevalResult.summary()` (e.g. base, trained); columns: overall, tags, quality guards."""
-    tags = [t for t in W.TAGS if any(t in r["accuracy"] for r in results.values())]
+    tags = ordered_tags([{"tag": t} for r in results.values() for t in r["accuracy"] if t != "overall"])
     head = "| model | overall | " + " | ".join(tags) + " | malformed | empty | bg noise | diversity |"
     sep = "|" + "---|" * (len(tags) + 6)
     lines = [head, sep]
@@ -204,7 +199,7 @@ def failure_table(results: dict[str, dict]) -> str:
     lines = ["| model | tag | " + " | ".join(REQUIREMENT_KINDS) + " | spare objects |",
              "|" + "---|" * (len(REQUIREMENT_KINDS) + 3)]
     for name, r in results.items():
-        for tag in (t for t in W.TAGS if t in r["accuracy"]):
+        for tag in ordered_tags([{"tag": t} for t in r["accuracy"] if t != "overall"]):
             fails = r["failures"].get(tag, {})  # a tag without failures has no entry
             cells = [f"{100 * fails.get(k, 0.0):.0f}%" for k in REQUIREMENT_KINDS]
             spare = r.get("spares", {}).get(tag)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from flowgrpo.eval.geneval import eval_batches
 from flowgrpo.eval.grid import image_grid
+from flowgrpo.prompts.loaders import ordered_tags
 from flowgrpo.rewards.shapes import to_uint8
 
 
@@ -34,9 +35,15 @@ class RewardEvalResult:
         ok = np.asarray(self.rewards)[~np.isnan(self.rewards)]
         return float(ok.std() / math.sqrt(len(ok))) if len(ok) else float("nan")
 
+    def by_tag(self) -> dict[str, float]:
+        """Mean reward per tag, when the prompts carry tags (categories of the user's own)."""
+        r = np.asarray(self.rewards)
+        return {t: float(np.nanmean(r[[e.get("tag") == t for e in self.entries]])) for t in ordered_tags(self.entries)}
+
     def summary(self) -> dict:
-        return {"reward": self.mean, "reward_stderr": self.stderr, "n_images": len(self.rewards),
-                "n_nan": int(np.isnan(self.rewards).sum())}
+        out = {"reward": self.mean, "reward_stderr": self.stderr, "n_images": len(self.rewards),
+               "n_nan": int(np.isnan(self.rewards).sum())}
+        return out | ({"reward_by_tag": self.by_tag()} if self.by_tag() else {})
 
 
 def is_geneval(entries: list[dict]) -> bool:

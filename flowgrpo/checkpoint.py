@@ -43,16 +43,19 @@ class TrainState:
     tracker: PromptStatTracker = field(default_factory=PromptStatTracker)
     history: dict = field(default_factory=lambda: {"eval": [], "train": []})
     strategy: dict = field(default_factory=dict)  # the rollout strategy's own state (e.g. a calibrated noise scale)
+    unscorable_streak: int = 0  # consecutive iterations without a scorable sample (their updates were skipped)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "iteration": self.iteration, "train_seconds": self.train_seconds,
-                "tracker": self.tracker.state_dict(), "history": self.history, "strategy": self.strategy}
+                "tracker": self.tracker.state_dict(), "history": self.history, "strategy": self.strategy,
+                "unscorable_streak": self.unscorable_streak}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainState":
         tracker = PromptStatTracker()
         tracker.load_state_dict(d["tracker"])
-        return cls(int(d["iteration"]), float(d["train_seconds"]), tracker, d["history"], d.get("strategy", {}))
+        return cls(int(d["iteration"]), float(d["train_seconds"]), tracker, d["history"], d["strategy"],
+                   int(d["unscorable_streak"]))
 
 
 # ---------------------------------------------------------------------------------------------- named tensors

@@ -12,12 +12,13 @@ def _train(args: argparse.Namespace) -> int:
     from flowgrpo.distributed import LaunchError
     from flowgrpo.prompts.loaders import PromptFileError
     from flowgrpo.train import train
+    from flowgrpo.trainer import UnscorableError
 
     try:
         train(make_config(args.preset, args.config, overrides_from_args(args)))
-    except (ConfigError, PromptFileError, LaunchError, CheckpointError) as err:
+    except (ConfigError, PromptFileError, LaunchError, CheckpointError, UnscorableError) as err:
         print(f"flowgrpo train: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, UnscorableError) else 2  # 2 = bad input or configuration
     return 0
 
 

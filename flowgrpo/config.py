@@ -22,7 +22,8 @@ from flowgrpo.settings import ConfigError, GRPOSettings, opt
 from flowgrpo.shapes.world import TAGS
 from flowgrpo.strategies import STRATEGIES
 
-__all__ = ["ConfigError", "PRESETS", "TrainConfig", "add_arguments", "make_config", "overrides_from_args"]
+__all__ = ["ConfigError", "PRESETS", "TrainConfig", "add_arguments", "check_tag_weights", "make_config",
+           "overrides_from_args"]
 
 SDE_KINDS = ("flow_grpo", "dance", "cps")
 PRECISIONS = ("fp32", "bf16")
@@ -119,9 +120,8 @@ class TrainConfig(GRPOSettings):
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.pointwise_weight <= 1:
             raise ConfigError(f"pointwise_weight must be in [0, 1], got {self.pointwise_weight}")
-        unknown_tags = sorted(set(self.tag_weights) - set(TAGS))
-        if unknown_tags:
-            raise ConfigError(f"tag_weights: unknown tag(s) {unknown_tags}; tags are {', '.join(TAGS)}")
+        if self.prompts.startswith("shapes:"):  # other prompt files are checked once loaded (`check_tag_weights`)
+            check_tag_weights(self.tag_weights, TAGS)
         bad = {t: w for t, w in self.tag_weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0}
         if bad:
             raise ConfigError(f"tag_weights must be positive numbers, got {bad}")
@@ -131,6 +131,13 @@ class TrainConfig(GRPOSettings):
                 check_options("judge", self.judge, self.judge_options)
         except (UnknownNameError, TypeError) as e:
             raise ConfigError(str(e)) from e
+
+
+def check_tag_weights(weights: dict, tags) -> None:
+    """Every tag given a sampling weight must be one of the prompt set's tags."""
+    unknown = sorted(set(weights) - set(tags))
+    if unknown:
+        raise ConfigError(f"tag_weights: unknown tag(s) {unknown}; tags are {', '.join(tags) or '(none)'}")
 
 
 PRESETS: dict[str, dict] = {

@@ -102,13 +102,16 @@ class GRPOSettings:
     lr_final: float = opt(0.1, "the decaying schedules end at this fraction of lr")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "gradient-norm clip; 0 = none")
+    max_unscorable: int = opt(3, "stop with an error after this many consecutive iterations in which no sample could "
+                                 "be scored (every reward NaN, e.g. a reward server that is down); their updates are "
+                                 "skipped")
     # checkpoints
     save_every: int = opt(50, "checkpoint every n iterations (0 = only at the end)")
     keep: int = opt(2, "complete checkpoints kept (the newest n)")
     resume: bool = opt(True, "resume from the newest complete checkpoint in out/checkpoints when there is one")
 
     def __post_init__(self) -> None:
-        for name in ("prompts_per_iter", "group_size", "optimizer_steps", "inner_epochs", "keep"):
+        for name in ("prompts_per_iter", "group_size", "optimizer_steps", "inner_epochs", "keep", "max_unscorable"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("micro_batch", "save_every", "seed", "clip_low", "clip_high", "beta", "lr", "adv_clip",

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from flowgrpo.config import ConfigError, TrainConfig
+from flowgrpo.config import ConfigError, TrainConfig, check_tag_weights
 from flowgrpo.distributed import Dist
 from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, report_markdown, write_report
 from flowgrpo.eval.reward_eval import RewardEvalResult, evaluate_reward, is_geneval, write_reward_report
 from flowgrpo.flow_task import FlowTask
 from flowgrpo.policies.flow import FlowPolicy
-from flowgrpo.prompts.loaders import load_prompts
+from flowgrpo.prompts.loaders import load_prompts, ordered_tags
 from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.samplers.noise import Stream, keyed_rng
 from flowgrpo.shapes.data import tag_balanced_indices
@@ -46,7 +46,7 @@ def draw_prompts(entries: list[dict], cfg: TrainConfig, iteration: int) -> list[
     """The iteration's prompts_per_iter entries — tag-balanced (or tag-weighted) when entries have tags — from a
     generator keyed by (seed, iteration): every process draws the same ones, and a resumed run needs no state."""
     rng = keyed_rng(cfg.seed, Stream.PROMPTS, iteration)
-    if all("tag" in e for e in entries):
+    if all("tag" in e for e in entries):  # balanced over the tags present, whatever they are
         idx = tag_balanced_indices(entries, cfg.prompts_per_iter, rng, cfg.tag_weights)
     else:
         idx = rng.integers(len(entries), size=cfg.prompts_per_iter)
@@ -109,6 +109,7 @@ def train(cfg: TrainConfig) -> dict:
     except ValueError as e:
         raise ConfigError(f"reward/judge options: {e}") from e
     train_entries, eval_entries = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)
+    check_tag_weights(cfg.tag_weights, ordered_tags(train_entries))
     out = Path(cfg.out)
     dist = Dist.create(log_with=cfg.log_with or None, project_dir=str(out))
     layout = cfg.layout(dist.world_size)
@@ -155,9 +156,11 @@ def finish(trainer: Trainer, out: Path) -> dict:
     if not trainer.dist.is_main:
         return summary
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if "reward" in base:  # eval prompts without GenEval metadata: the training reward
-        table = "| model | eval reward |\n|---|---|\n" + "\n".join(
-            f"| {name} | {rec['reward']:.4f} ± {rec['reward_stderr']:.4f} |"
+    if "reward" in base:  # eval prompts without GenEval metadata: the training reward (per tag when tagged)
+        tags = list(base.get("reward_by_tag", {}))
+        table = "| model | eval reward | " + " | ".join(tags) + " |\n|---|---|" + "---|" * len(tags) + "\n" + "\n".join(
+            f"| {name} | {rec['reward']:.4f} ± {rec['reward_stderr']:.4f} | "
+            + " | ".join(f"{rec['reward_by_tag'][t]:.4f}" for t in tags) + " |"
             for name, rec in (("base", base), (f"trained ({state.iteration} it)", last)))
         (out / "report.md").write_text(table + "\n")
         print(f"\n{table}\n\ngrids: {out / 'eval'}/*/grid.png   tensorboard --logdir {out}")

@@ -8,6 +8,7 @@ logging. Every process holds the same training state; process 0 alone writes fil
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -53,6 +54,10 @@ class Plan:
         out = torch.empty((len(self.rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
         out[self.layout.all_indices().to(local.device)] = everyone
         return out
+
+
+class UnscorableError(RuntimeError):
+    """Too many consecutive iterations without a single scorable sample."""
 
 
 class Task(Protocol):
@@ -125,8 +130,11 @@ class Trainer:
         lr = self.cfg.scheduled_lr(self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        stats = ppo_update(self.task.policy, self.optimizer, self.module, self.task.update_batch(rollout, adv),
-                           self.cfg, self.layout, self.dist)
+        if self.scorable(adv):
+            stats = ppo_update(self.task.policy, self.optimizer, self.module, self.task.update_batch(rollout, adv),
+                               self.cfg, self.layout, self.dist)
+        else:  # nothing to learn from: the update is skipped, not run on zero weights
+            stats = {"skipped": 1.0}
         if self.ema is not None:
             self.ema.update(self.task.policy.trainable_module())
         t3 = time.perf_counter()
@@ -142,6 +150,25 @@ class Trainer:
         self.state.history["train"].append({"iteration": self.state.iteration, **metrics})
         self.log(metrics, self.state.iteration)
         return metrics
+
+    def scorable(self, adv: AdvantageResult) -> bool:
+        """Whether any sample of the iteration (on any process) carries loss weight; counts the iterations that
+        do not, and stops the run after ``max_unscorable`` of them in a row."""
+        valid = int(self.dist.all_reduce(adv.valid.sum().to(self.dist.device)).cpu())
+        if valid:
+            self.state.unscorable_streak = 0
+            return True
+        self.state.unscorable_streak += 1
+        n, limit = self.state.unscorable_streak, self.cfg.max_unscorable
+        if n >= limit:
+            raise UnscorableError(f"{n} consecutive iterations had no scorable sample (every reward NaN, e.g. a reward "
+                                  f"server that is down or a reward that cannot read these images); stopping instead "
+                                  f"of training on nothing. The last checkpoint is intact: fix the reward and rerun "
+                                  f"to resume (max_unscorable={limit})")
+        if self.dist.is_main:
+            tqdm.write(f"warning: iteration {self.state.iteration + 1}: no sample could be scored; update skipped "
+                       f"({n} in a row, the run stops at {limit})", file=sys.stderr)
+        return False
 
     def log(self, metrics: dict, step: int) -> None:
         """Send metrics to the run's trackers (process 0)."""
@@ -174,22 +201,21 @@ class Trainer:
         ``draw(i)`` gives iteration i's prompt rows. Checkpoints every ``save_every`` iterations and at the end."""
         self.budget = (iterations, max_minutes)
         out = []
-        bar = tqdm(total=iterations, initial=min(self.state.iteration, iterations), desc=desc,
-                   disable=not (progress and self.dist.is_main))
-        while self.state.iteration < iterations:
-            if max_minutes and self.state.train_seconds >= 60 * max_minutes:
-                if self.dist.is_main:
-                    tqdm.write(f"time budget reached ({max_minutes} min of training)")
-                break
-            metrics = self.step(draw(self.state.iteration))
-            out.append(metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", clip=f"{metrics.get('clip_frac', 0):.2f}")
-            if after_step is not None:
-                after_step(metrics)
-            if self.cfg.save_every and self.state.iteration % self.cfg.save_every == 0:
-                self.save()
-        bar.close()
+        with tqdm(total=iterations, initial=min(self.state.iteration, iterations), desc=desc,
+                  disable=not (progress and self.dist.is_main)) as bar:  # closed before any error is reported
+            while self.state.iteration < iterations:
+                if max_minutes and self.state.train_seconds >= 60 * max_minutes:
+                    if self.dist.is_main:
+                        tqdm.write(f"time budget reached ({max_minutes} min of training)")
+                    break
+                metrics = self.step(draw(self.state.iteration))
+                out.append(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", clip=f"{metrics.get('clip_frac', 0):.2f}")
+                if after_step is not None:
+                    after_step(metrics)
+                if self.cfg.save_every and self.cfg.out and self.state.iteration % self.cfg.save_every == 0:
+                    self.save()
         return out
 
     # ------------------------------------------------------------------------------------------- checkpoints

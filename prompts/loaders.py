@@ -33,8 +33,8 @@ def load_text(path: str | Path) -> list[dict]:
     return out
 
 
-def load_jsonl(path: str | Path, *, prompt_key: str = "prompt") -> list[dict]:
-    """One JSON object per line, each with a string `prompt_key` (copied to "prompt")."""
+def _jsonl_rows(path: str | Path, prompt_key: str = "prompt") -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line: a JSON object with a non-empty string `prompt_key`."""
     out = []
     for n, line in enumerate(_read_lines(path), 1):
         if not line.strip():
@@ -45,15 +45,28 @@ def load_jsonl(path: str | Path, *, prompt_key: str = "prompt") -> list[dict]:
             raise PromptFileError(f"{path}:{n}: invalid JSON ({e.msg})") from e
         if not isinstance(row, dict) or not isinstance(row.get(prompt_key), str) or not row[prompt_key].strip():
             raise PromptFileError(f"{path}:{n}: expected an object with a non-empty string {prompt_key!r}")
-        out.append({**row, "prompt": row[prompt_key]})
+        out.append((n, {**row, "prompt": row[prompt_key]}))
     if not out:
         raise PromptFileError(f"{path}: no prompts")
     return out
 
 
+def load_jsonl(path: str | Path, *, prompt_key: str = "prompt") -> list[dict]:
+    """One JSON object per line, each with a string `prompt_key` (copied to "prompt")."""
+    return [row for _, row in _jsonl_rows(path, prompt_key)]
+
+
+def _check_tag(row: dict, where: str) -> None:
+    """A category of the user's own (GenEval's six, T2I-CompBench's, ...): any non-empty string."""
+    if "tag" in row and (not isinstance(row["tag"], str) or not row["tag"].strip()):
+        raise PromptFileError(f"{where}: 'tag' must be a non-empty string, got {row['tag']!r}")
+
+
 def _check_geneval(row: dict, where: str) -> None:
-    if row.get("tag") not in GENEVAL_TAGS:
-        raise PromptFileError(f"{where}: tag {row.get('tag')!r} is not one of {GENEVAL_TAGS}")
+    """GenEval requirements: what a GenEval-style verifier needs to score an image."""
+    if "tag" not in row:
+        raise PromptFileError(f"{where}: GenEval metadata needs a 'tag'")
+    _check_tag(row, where)
     include = row.get("include")
     if not isinstance(include, list) or not include:
         raise PromptFileError(f"{where}: 'include' must be a non-empty list")
@@ -70,22 +83,29 @@ def _check_geneval(row: dict, where: str) -> None:
 
 def load_geneval(path: str | Path) -> list[dict]:
     """GenEval metadata JSONL: {"tag", "include": [{"class", "count", "color"?, "position"?}], "exclude"?, "prompt"}."""
-    rows = load_jsonl(path)
-    for n, row in enumerate(rows, 1):
-        _check_geneval(row, f"{path}: entry {n}")
-    return rows
+    rows = _jsonl_rows(path)
+    for n, row in rows:
+        _check_geneval(row, f"{path}:{n}")
+    return [row for _, row in rows]
 
 
 def load_prompts(source: str) -> list[dict]:
-    """A prompt source by name: 'shapes:train' / 'shapes:test', or a .txt / .jsonl file (GenEval if it has tags)."""
+    """A prompt source by name: 'shapes:train' / 'shapes:test', or a .txt / .jsonl file. JSONL rows may carry a
+    'tag' of the user's own (sampling balances over the tags present, reports go per tag) and GenEval requirements
+    ('include', checked when present)."""
     if source.startswith("shapes:"):
         from flowgrpo.prompts.shapes import load_split
 
         return load_split(source.split(":", 1)[1])
     if source.endswith(".jsonl"):
-        rows = load_jsonl(source)
-        if all("tag" in r for r in rows):
-            for n, row in enumerate(rows, 1):
-                _check_geneval(row, f"{source}: entry {n}")
-        return rows
+        rows = _jsonl_rows(source)
+        for n, row in rows:
+            _check_geneval(row, f"{source}:{n}") if "include" in row else _check_tag(row, f"{source}:{n}")
+        return [row for _, row in rows]
     return load_text(source)
+
+
+def ordered_tags(entries: list[dict]) -> list[str]:
+    """The tags present, GenEval's six in their order first, then any others alphabetically."""
+    present = {e["tag"] for e in entries if "tag" in e}
+    return [t for t in GENEVAL_TAGS if t in present] + sorted(present - set(GENEVAL_TAGS))

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from flowgrpo.prompts.loaders import GENEVAL_TAGS, PromptFileError, load_geneval, load_jsonl, load_prompts, load_text
+from flowgrpo.prompts.loaders import (GENEVAL_TAGS, PromptFileError, load_geneval, load_jsonl, load_prompts, load_text,
+                                      ordered_tags)
 
 
 def test_real_geneval_metadata_loads_every_entry_and_tag(shared_data):
@@ -44,7 +45,8 @@ def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"tag": "shapes", "include": [{"class": "a"}], "prompt": "x"}, "tag 'shapes' is not one of"),
+    ({"tag": 3, "include": [{"class": "a"}], "prompt": "x"}, "m.jsonl:1: 'tag' must be a non-empty string, got 3"),
+    ({"include": [{"class": "a"}], "prompt": "x"}, "m.jsonl:1: GenEval metadata needs a 'tag'"),
     ({"tag": "counting", "include": [], "prompt": "x"}, "'include' must be a non-empty list"),
     ({"tag": "counting", "include": [{"class": "a", "count": 0}], "prompt": "x"}, "bad count 0"),
     ({"tag": "position", "include": [{"class": "a"}, {"class": "b", "position": ["left of", 5]}], "prompt": "x"},
@@ -56,6 +58,24 @@ def test_bad_geneval_metadata(tmp_path, row, message):
     with pytest.raises(PromptFileError, match=message):
         load_geneval(p)
     assert set(GENEVAL_TAGS) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+
+
+def test_tags_of_the_users_own_load_and_broken_lines_name_file_and_line(tmp_path):
+    """T2I-CompBench-style categories are accepted (with or without GenEval requirements); line numbers count
+    blank lines, so the error points at the line to fix."""
+    p = tmp_path / "mine.jsonl"
+    rows = [{"prompt": "a cat on a mat", "tag": "animals"}, {"prompt": "a red circle", "tag": "shapes",
+                                                                "include": [{"class": "circle", "count": 1}]}]
+    p.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    loaded = load_prompts(str(p))
+    assert [r["tag"] for r in loaded] == ["animals", "shapes"] and ordered_tags(loaded) == ["animals", "shapes"]
+    assert ordered_tags([{"tag": "zebra"}, {"tag": "counting"}, {"tag": "apple"}]) == ["counting", "apple", "zebra"]
+    p.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1] | {"include": [{"class": "circle", "count": 0}]}) + "\n")
+    with pytest.raises(PromptFileError, match=r"mine.jsonl:3: requirement 0 has a bad count 0"):
+        load_prompts(str(p))
+    p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0] | {"tag": ""}) + "\n")
+    with pytest.raises(PromptFileError, match=r"mine.jsonl:2: 'tag' must be a non-empty string"):
+        load_prompts(str(p))
 
 
 def test_missing_and_binary_files(tmp_path):

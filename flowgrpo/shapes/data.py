@@ -4,15 +4,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flowgrpo.shapes import world as W
+from flowgrpo.prompts.loaders import ordered_tags
 from flowgrpo.shapes.render import render
 
 
 def tag_balanced_indices(entries: list[dict], n: int, rng: np.random.Generator,
                          weights: dict[str, float] | None = None) -> np.ndarray:
-    """n entry indices: a tag (uniform, or in proportion to ``weights``, 1 for unlisted tags), then a uniform
-    entry of that tag."""
-    present = [t for t in W.TAGS if any(e["tag"] == t for e in entries)]
+    """n entry indices: a tag among those present (uniform, or in proportion to ``weights``, 1 for unlisted tags),
+    then a uniform entry of that tag."""
+    present = ordered_tags(entries)
     by_tag = [np.array([i for i, e in enumerate(entries) if e["tag"] == t]) for t in present]
     if weights:
         p = np.array([weights.get(t, 1.0) for t in present], dtype=float)
