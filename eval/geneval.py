@@ -1,5 +1,6 @@
-"""GenEval-style evaluation with the exact Shapes verifier: per-tag accuracy with standard errors,
-JSON + markdown report and an image grid with pass/fail borders."""
+"""GenEval-style evaluation: per-tag accuracy with standard errors, JSON + markdown report and an image grid with
+pass/fail borders. Images are scored by the exact Shapes verifier, or by any scorer returning its `Verdict`
+(`flowgrpo.eval.geneval_detector.GenevalScorer` for real GenEval classes)."""
 from __future__ import annotations
 
 import json
@@ -52,8 +53,8 @@ def check_shapes_metadata(entries: list[dict]) -> None:
     unknown = sorted(classes - set(W.SHAPES))
     if unknown:
         raise ValueError(f"the bundled verifier knows the Shapes classes {W.SHAPES} only; this metadata asks for "
-                         f"{unknown[:5]}{'...' if len(unknown) > 5 else ''}. Real GenEval classes need GenEval's "
-                         "object detector, which flowgrpo does not bundle.")
+                         f"{unknown[:5]}{'...' if len(unknown) > 5 else ''}. Real GenEval classes need a COCO detector "
+                         "and CLIP: flowgrpo.eval.geneval_detector.GenevalScorer.")
 
 
 def prompt_diversity(images: list[np.ndarray], entries: list[dict]) -> float:
@@ -67,14 +68,16 @@ def prompt_diversity(images: list[np.ndarray], entries: list[dict]) -> float:
     return float(np.mean(dists)) if dists else float("nan")
 
 
-def score_images(images: list[np.ndarray], entries: list[dict]) -> GenevalResult:
-    """Verify images against their entries; overall = mean of per-tag accuracies (GenEval)."""
+def score_images(images: list[np.ndarray], entries: list[dict], scorer=verify) -> GenevalResult:
+    """Score images against their entries; overall = mean of per-tag accuracies (GenEval). `scorer(image, entry)`
+    returns a `Verdict`; a scorer with `score_batch(images, entries)` gets all images at once."""
     passed, per_tag, spares = [], defaultdict(list), defaultdict(list)
     failed: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     malformed = empty = 0
     noise, count_errors = [], []
-    for img, e in zip(images, entries):
-        v = verify(img, e)
+    verdicts = (scorer.score_batch(images, entries) if hasattr(scorer, "score_batch")
+                else [scorer(img, e) for img, e in zip(images, entries)])
+    for img, e, v in zip(images, entries, verdicts):
         if e["tag"] == "counting":
             item = e["include"][0]
             count_errors.append(sum(d.shape == item["class"] for d in v.detections) - item["count"])
@@ -101,9 +104,11 @@ def score_images(images: list[np.ndarray], entries: list[dict]) -> GenevalResult
 
 @torch.no_grad()
 def evaluate(policy, entries: list[dict], *, images_per_prompt: int, num_steps: int, guidance: float,
-             seed: int = 0, batch: int = 64, progress: bool = True) -> GenevalResult:
-    """Generate `images_per_prompt` ODE samples per entry (fixed seed) and score them."""
-    check_shapes_metadata(entries)
+             seed: int = 0, batch: int = 64, progress: bool = True, scorer=None) -> GenevalResult:
+    """Generate `images_per_prompt` ODE samples per entry (fixed seed) and score them with `scorer` (default: the
+    Shapes verifier, which needs Shapes metadata)."""
+    if scorer is None:
+        check_shapes_metadata(entries)
     todo = [e for e in entries for _ in range(images_per_prompt)]
     g = torch.Generator().manual_seed(seed)
     images: list[np.ndarray] = []
@@ -111,7 +116,7 @@ def evaluate(policy, entries: list[dict], *, images_per_prompt: int, num_steps: 
         chunk = todo[s : s + batch]
         images += to_uint8(policy.generate([e["prompt"] for e in chunk], num_steps=num_steps, guidance=guidance,
                                            generator=g))
-    return score_images(images, todo)
+    return score_images(images, todo, scorer or verify)
 
 
 def markdown_table(results: dict[str, dict]) -> str:

@@ -1,11 +1,16 @@
-"""GenEval's protocol without mmdet: the rules on hand-built detections (hand-computed verdicts for every tag)
-and the real metadata."""
+"""GenEval's protocol without mmdet: the rules on hand-built detections (hand-computed verdicts for every tag),
+the real metadata, the mmdetection-style post-processing on hand-made logits, and the whole scorer on tiny random
+Mask2Former and CLIP checkpoints built from config and loaded from local directories."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from flowgrpo.eval.geneval import score_images
+from flowgrpo.eval.geneval_detector import GenevalScorer, coco_label_map, instances, masked_crop
 from flowgrpo.eval.geneval_rules import (
     COCO_CLASSES,
     COLORS,
@@ -19,6 +24,7 @@ from flowgrpo.eval.geneval_rules import (
 )
 from flowgrpo.prompts.loaders import load_geneval
 from flowgrpo.shapes.verify import Detection
+from tests.tiny_geneval import tiny_clip, tiny_detector
 
 FIXTURE = Path(__file__).parent / "fixtures" / "geneval_metadata_subset.jsonl"
 
@@ -192,3 +198,120 @@ def test_unscorable_entries_are_named():
     assert "tag None" in unscorable_reason({"prompt": "a dog"})
     with pytest.raises(ValueError, match=r"2 of 3 entries .*entry 2: .*'circle'.*entry 3: tag"):
         check_geneval_metadata([ok, entry("single_object", {"class": "circle"}), {"prompt": "x"}])
+
+
+# ---------------------------------------------------------------- detector outputs -> detections
+
+def test_instances_follow_mmdetection_mask2former_postprocessing():
+    ln = math.log
+    # softmax rows: query 0 -> dog 0.6, cat 0.1, car 0.1 (no object 0.2); query 1 -> car 0.7
+    class_logits = torch.tensor([[ln(6), 0.0, 0.0, ln(2)], [0.0, 0.0, ln(7), 0.0]])
+    mask_logits = torch.full((2, 4, 4), -ln(3))
+    mask_logits[0, 1:3, 0:2] = ln(3)  # 4 pixels at sigmoid 0.75
+    mask_logits[1, 3, 3], mask_logits[1, 0, 3] = ln(9), ln(4)  # sigmoid 0.9 and 0.8
+    labels = {0: "dog", 1: "cat", 2: "car"}
+    dets, masks = instances(class_logits, mask_logits, labels, floor=0.3)
+    assert [(d.shape, d.box, d.area) for d in dets] == [("car", (3, 0, 4, 4), 2), ("dog", (0, 1, 2, 3), 4)]
+    assert [d.iou for d in dets] == pytest.approx([0.7 * 0.85, 0.6 * 0.75])  # class prob x mean sigmoid in mask
+    assert masks[1].sum() == 4 and masks[1][1:3, 0:2].all() and masks[0].dtype == bool
+    assert [d.shape for d in instances(class_logits, mask_logits, labels, floor=0.65)[0]] == ["car"]
+    assert [d.shape for d in instances(class_logits, mask_logits, {0: "dog"}, floor=0.3)[0]] == ["dog"]  # car: N/A
+    mask_logits[1] = -1.0  # an empty mask is no object
+    assert [d.shape for d in instances(class_logits, mask_logits, labels, floor=0.3)[0]] == ["dog"]
+    up = instances(class_logits, mask_logits, labels, 0.3, lambda m: m.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    assert up[0][0].box == (0, 2, 4, 6) and up[1][0].shape == (8, 8)
+
+
+def test_coco_label_map_reads_port_spellings_and_refuses_other_models():
+    voc = {i: {"motorcycle": "motorbike", "tv": "tvmonitor", "couch": "sofa"}.get(c, c) for i, c in enumerate(COCO_CLASSES)}
+    assert coco_label_map(voc)[3] == "motorcycle" and coco_label_map(voc)[62] == "tv"
+    detr = {0: "N/A"} | {i + 1: c.replace("computer ", "").replace("tv remote", "remote") for i, c in enumerate(COCO_CLASSES)}
+    mapped = coco_label_map(detr)
+    assert 0 not in mapped and mapped[65] == "computer mouse" and mapped[66] == "tv remote" and len(mapped) == 80
+    with pytest.raises(ValueError, match=r"lack 79 of the 80 COCO classes.*COCO instance-segmentation model"):
+        coco_label_map({0: "person", 1: "wall"})
+
+
+def test_masked_crop_puts_geneval_grey_outside_the_mask():
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    mask = np.zeros((4, 5), dtype=bool)
+    mask[1, 1] = mask[2, 2] = True
+    crop = masked_crop(image, mask, (1, 1, 3, 3))
+    assert crop.shape == (2, 2, 3) and crop.dtype == np.uint8
+    assert (crop[0, 0] == image[1, 1]).all() and (crop[1, 1] == image[2, 2]).all()
+    assert (crop[0, 1] == 153).all() and (crop[1, 0] == 153).all()
+
+
+# ---------------------------------------------------------------- tiny real models, end to end
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A detector whose 8 queries all see a confident dog (random masks), a random CLIP, and a non-COCO detector."""
+    root = tmp_path_factory.mktemp("geneval_models")
+    return (tiny_detector(root / "dog_detector", {"dog": 12.0}), tiny_clip(root / "clip"),
+            tiny_detector(root / "random_detector"))
+
+
+DOG = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}
+CAT = {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}
+RED_DOG = {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a photo of a red dog"}
+TWO_DOGS = {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
+            "prompt": "a photo of two dogs"}
+
+
+def images(n, h=48, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_scorer_end_to_end_on_tiny_models(models):
+    detector, clip, random_detector = models
+    scorer = GenevalScorer(str(detector), str(clip), detector_size=64)
+    imgs, entries = images(4), [DOG, CAT, RED_DOG, TWO_DOGS]
+    verdicts = scorer.score_batch(imgs, entries)
+    # every query is a confident dog with a non-empty mask: 8 dogs in each image, whatever the tag
+    for v, img in zip(verdicts, imgs):
+        assert len(v.detections) == 8 and {d.shape for d in v.detections} == {"dog"}
+        assert all(0.9 < d.iou <= 1 and 0 < d.area <= 48 * 64 for d in v.detections)
+        assert all(0 <= d.box[0] < d.box[2] <= 64 and 0 <= d.box[1] < d.box[3] <= 48 for d in v.detections)
+        assert [d.iou for d in v.detections] == sorted((d.iou for d in v.detections), reverse=True)
+    assert [summary(v) for v in (verdicts[0], verdicts[1], verdicts[3])] == [
+        (True, [("presence", True)]), (False, [("presence", False)]), (False, [("count", True), ("count", False)])]
+    # colour: CLIP's argmax on the most confident dog, masked and cropped, against "a photo of a {c} dog", ...
+    dets, masks = scorer.detect([imgs[2]], [0.3])[0]
+    top = keep_detections(dets, "colors")[0]
+    logits = scorer.colour_logits([masked_crop(imgs[2], masks[top], dets[top].box)], ["dog"])[0]
+    colour = colour_from_logits(logits.numpy())
+    assert [d.color for d in verdicts[2].detections] == [colour] + [None] * 7
+    assert summary(verdicts[2]) == (colour == "red", [("presence", True), ("color", colour == "red")])
+    # GenEval's classifier: per colour, the renormalised mean of its three normalised prompt embeddings
+    text = scorer.clip.text_embeds(["a photo of a pink dog", "a photo of a pink-colored dog", "a photo of a pink object"])
+    assert torch.allclose(scorer.classifier("dog")[6], torch.nn.functional.normalize(text.mean(0), dim=0), atol=1e-6)
+    # one image at a time gives the same verdicts as the batch
+    for img, e, v in zip(imgs, entries, verdicts):
+        alone = scorer(img, e)
+        assert summary(alone) == summary(v) and [d.box for d in alone.detections] == [d.box for d in v.detections]
+        assert [d.iou for d in alone.detections] == pytest.approx([d.iou for d in v.detections], abs=1e-5)
+    # the per-tag report runs on the scorer unchanged
+    r = score_images(imgs, entries, scorer)
+    assert r.accuracy["single_object"] == 0.5 and r.accuracy["counting"] == 0.0
+    assert r.count_errors["+2"] == 1.0 and r.failures["counting"] == {"count": 1.0} and r.spares["single_object"] == 1.0
+    # a random detector is unsure of everything: nothing passes the threshold
+    assert GenevalScorer(str(random_detector), str(clip), detector_size=64)(imgs[0], DOG).detections == []
+
+
+def test_missing_paths_and_wrong_models_are_named(models, tmp_path):
+    detector, clip, _ = models
+    with pytest.raises(FileNotFoundError, match=r"detector_path='.*nope' is not an existing local directory"):
+        GenevalScorer(str(tmp_path / "nope"), str(clip))
+    with pytest.raises(FileNotFoundError, match=r"clip_path='.*no_clip' is not an existing local directory"):
+        GenevalScorer(str(detector), str(tmp_path / "no_clip"))
+    with pytest.raises(ValueError, match="option 'detector_path' is required"):
+        GenevalScorer("", str(clip))
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text((detector / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="has no preprocessor_config.json"):
+        GenevalScorer(str(tmp_path / "bare"), str(clip))
+    with pytest.raises(ValueError, match="entry 0 .*'a circle'.*'circle' is not one of GenEval's 80 COCO classes"):
+        GenevalScorer(str(detector), str(clip), detector_size=64).score_batch(
+            images(1), [{"tag": "single_object", "include": [{"class": "circle"}], "prompt": "a circle"}])
