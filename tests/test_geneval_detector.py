@@ -1,8 +1,11 @@
 """GenEval's protocol without mmdet: the rules on hand-built detections (hand-computed verdicts for every tag),
-the real metadata, the mmdetection-style post-processing on hand-made logits, and the whole scorer on tiny random
-Mask2Former and CLIP checkpoints built from config and loaded from local directories."""
+the real metadata, the mmdetection-style post-processing on hand-made logits, and the whole scorer, reward and
+service on tiny random Mask2Former and CLIP checkpoints built from config and loaded from local directories."""
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from flowgrpo.eval.geneval_rules import (
     unscorable_reason,
 )
 from flowgrpo.prompts.loaders import load_geneval
+from flowgrpo.rewards import build_reward
 from flowgrpo.shapes.verify import Detection
 from tests.tiny_geneval import tiny_clip, tiny_detector
 
@@ -315,3 +319,40 @@ def test_missing_paths_and_wrong_models_are_named(models, tmp_path):
     with pytest.raises(ValueError, match="entry 0 .*'a circle'.*'circle' is not one of GenEval's 80 COCO classes"):
         GenevalScorer(str(detector), str(clip), detector_size=64).score_batch(
             images(1), [{"tag": "single_object", "include": [{"class": "circle"}], "prompt": "a circle"}])
+
+
+def test_geneval_reward_partial_strict_and_nan(models):
+    detector, clip, _ = models
+    batch = torch.from_numpy(np.stack(images(4))).permute(0, 3, 1, 2).float() / 255
+    circle = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a circle"}
+    meta = [DOG, TWO_DOGS, {"prompt": "a dog"}, circle]
+    opts = dict(detector_path=str(detector), clip_path=str(clip), detector_size=64)
+    partial = build_reward("geneval", **opts)
+    out = partial(batch, [m["prompt"] for m in meta], meta)
+    assert out[:2].tolist() == [1.0, 0.5] and out[2:].isnan().all()  # unscorable -> NaN, never 0
+    assert partial.stats["unscorable"] == 2 and partial.stats["nan"] == 2
+    strict = build_reward("geneval", mode="strict", **opts)
+    assert strict(batch, [m["prompt"] for m in meta], meta)[:2].tolist() == [1.0, 0.0]
+    assert strict(batch[2:], ["a", "b"], meta[2:]).isnan().all()  # nothing scorable: no model call
+    with pytest.raises(ValueError, match="mode must be one of"):
+        build_reward("geneval", mode="gated", **opts)
+    with pytest.raises(FileNotFoundError, match="clip_path="):
+        build_reward("geneval", detector_path=str(detector), clip_path="/no/clip")
+
+
+def test_serve_reward_serves_geneval(models):
+    detector, clip, _ = models
+    config = json.dumps({"detector_path": str(detector), "clip_path": str(clip), "detector_size": 64})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flowgrpo.cli", "serve-reward", "geneval", "--port", "0",
+                             "--config", config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "flowgrpo serve-reward: geneval on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
+        client = build_reward("remote", url=line.split(" on ")[1].strip(), timeout=60)
+        batch = torch.from_numpy(np.stack(images(3))).permute(0, 3, 1, 2).float() / 255
+        out = client(batch, ["a dog", "a cat", "?"], [DOG, CAT, {"prompt": "?"}])
+        assert out[:2].tolist() == [1.0, 0.0] and math.isnan(out[2].item())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
