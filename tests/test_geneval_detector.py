@@ -1,6 +1,6 @@
 """GenEval's protocol without mmdet: the rules on hand-built detections (hand-computed verdicts for every tag),
-the real metadata, the mmdetection-style post-processing on hand-made logits, and the whole scorer, reward and
-service on tiny random Mask2Former and CLIP checkpoints built from config and loaded from local directories."""
+the real metadata, the mmdetection-style post-processing on hand-made logits, and the whole scorer, reward, service
+and CLI on tiny random Mask2Former and CLIP checkpoints built from config and loaded from local directories."""
 import json
 import math
 import os
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from flowgrpo.cli import main
 from flowgrpo.eval.geneval import score_images
 from flowgrpo.eval.geneval_detector import GenevalScorer, coco_label_map, instances, masked_crop
 from flowgrpo.eval.geneval_rules import (
@@ -356,3 +357,34 @@ def test_serve_reward_serves_geneval(models):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_cli_scores_real_geneval_metadata_with_the_detector(models, tmp_path, capsys):
+    detector, clip, _ = models
+    meta = tmp_path / "meta.jsonl"
+    two = {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
+           "prompt": "a photo of a dog and a cat"}
+    meta.write_text("".join(json.dumps(e) + "\n" for e in (DOG, two, TWO_DOGS)))
+    base = ["eval", "geneval", "--metadata", str(meta), "--n", "1", "--steps", "2", "--batch", "4"]
+    out = tmp_path / "out"
+    assert main(base + ["--out", str(out), "--scorer", "detector", "--detector", str(detector), "--clip", str(clip),
+                        "--detector-size", "64", "--scorer-device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["accuracy"] == {"single_object": 1.0, "two_object": 0.0, "counting": 0.0, "overall": pytest.approx(1 / 3)}
+    assert results["failures"]["two_object"] == {"presence": 1.0} and results["count_errors"]["+2"] == 1.0
+    assert (out / "grid.png").is_file() and "| two_object | 100% |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "o2")]) == 2  # real classes, Shapes verifier
+    err = capsys.readouterr().err
+    assert "['cat', 'dog']" in err and "--scorer detector --detector PATH --clip PATH" in err
+    assert main(base + ["--out", str(tmp_path / "o3"), "--scorer", "detector", "--detector", str(detector)]) == 2
+    assert "--scorer detector needs --clip" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "o4"), "--scorer", "detector", "--detector", str(tmp_path / "nope"),
+                        "--clip", str(clip)]) == 2
+    assert "--detector='" in capsys.readouterr().err
+    assert main(["eval", "geneval", "--metadata", "shapes:test", "--out", str(tmp_path / "o5"), "--scorer", "detector",
+                 "--detector", str(detector), "--clip", str(clip)]) == 2
+    assert "is not one of GenEval's 80 COCO classes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "geneval", "--help"])
+    assert "--scorer {shapes,detector}" in capsys.readouterr().out
