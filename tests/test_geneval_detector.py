@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flowgrpo.cli import main
 from flowgrpo.eval.geneval import score_images
 from flowgrpo.eval.geneval_detector import GenevalScorer, coco_label_map, instances, masked_crop
+from flowgrpo.eval.geneval_images import load_geneval_images
 from flowgrpo.eval.geneval_rules import (
     COCO_CLASSES,
     COLORS,
@@ -388,3 +390,26 @@ def test_cli_scores_real_geneval_metadata_with_the_detector(models, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["eval", "geneval", "--help"])
     assert "--scorer {shapes,detector}" in capsys.readouterr().out
+
+
+def test_cli_scores_images_in_geneval_folder_layout(models, tmp_path, capsys):
+    detector, clip, _ = models
+    root = tmp_path / "images"
+    for folder, e, n in (("00000", DOG, 2), ("00001", CAT, 1)):
+        (root / folder / "samples").mkdir(parents=True)
+        (root / folder / "metadata.jsonl").write_text(json.dumps(e))
+        for k, img in enumerate(images(n, seed=int(folder))):
+            Image.fromarray(img).save(root / folder / "samples" / f"{k:04d}.png")
+    (root / "00000" / "grid.png").write_bytes(b"")  # GenEval's optional grid and other files are ignored
+    (root / "notes").mkdir()
+    loaded, entries = load_geneval_images(root)
+    assert len(loaded) == 3 and loaded[0].shape == (48, 64, 3) and entries == [DOG, DOG, CAT]
+    out = tmp_path / "out"
+    assert main(["eval", "geneval", "--images", str(root), "--out", str(out), "--scorer", "detector", "--detector",
+                 str(detector), "--clip", str(clip), "--detector-size", "64"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["accuracy"]["single_object"] == pytest.approx(2 / 3) and results["n_images"] == {"single_object": 3}
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main(["eval", "geneval", "--images", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert "no images in GenEval's layout" in capsys.readouterr().err
