@@ -187,6 +187,11 @@ class GenevalScorer:
         for n, entry in enumerate(entries):
             if reason := unscorable_reason(entry):
                 raise ValueError(f"entry {n} ({entry.get('prompt')!r}) cannot be scored by GenEval's rules: {reason}")
+        # One detector batch at a time, so only that batch's full-size masks are held.
+        return [v for s in range(0, len(images), self.batch_size)
+                for v in self._score_chunk(images[s : s + self.batch_size], entries[s : s + self.batch_size])]
+
+    def _score_chunk(self, images: list[np.ndarray], entries: list[dict]) -> list[Verdict]:
         kept = []
         for (dets, masks), entry in zip(self.detect(images, [min_score(e["tag"]) for e in entries]), entries):
             idx = keep_detections(dets, entry["tag"])

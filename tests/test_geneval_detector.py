@@ -273,7 +273,7 @@ def images(n, h=48, w=64, seed=0):
 
 def test_scorer_end_to_end_on_tiny_models(models):
     detector, clip, random_detector = models
-    scorer = GenevalScorer(str(detector), str(clip), detector_size=64)
+    scorer = GenevalScorer(str(detector), str(clip), detector_size=64, batch_size=3)  # batches of 3 and 1
     imgs, entries = images(4), [DOG, CAT, RED_DOG, TWO_DOGS]
     verdicts = scorer.score_batch(imgs, entries)
     # every query is a confident dog with a non-empty mask: 8 dogs in each image, whatever the tag
@@ -294,7 +294,7 @@ def test_scorer_end_to_end_on_tiny_models(models):
     # GenEval's classifier: per colour, the renormalised mean of its three normalised prompt embeddings
     text = scorer.clip.text_embeds(["a photo of a pink dog", "a photo of a pink-colored dog", "a photo of a pink object"])
     assert torch.allclose(scorer.classifier("dog")[6], torch.nn.functional.normalize(text.mean(0), dim=0), atol=1e-6)
-    # one image at a time gives the same verdicts as the batch
+    # one image at a time gives the same verdicts as the batches
     for img, e, v in zip(imgs, entries, verdicts):
         alone = scorer(img, e)
         assert summary(alone) == summary(v) and [d.box for d in alone.detections] == [d.box for d in v.detections]
