@@ -66,7 +66,8 @@ def coco_label_map(id2label: dict[int, str]) -> dict[int, str]:
     missing = sorted(set(COCO_CLASSES) - set(mapping.values()))
     if missing:
         raise ValueError(f"the detector's labels lack {len(missing)} of the 80 COCO classes, e.g. {missing[:5]}: "
-                         "GenEval needs a COCO instance-segmentation model (its config's id2label)")
+                         "GenEval needs a COCO instance-segmentation model (a COCO model spelling a class another way "
+                         "needs that label renamed in the id2label of its config.json)")
     return mapping
 
 
