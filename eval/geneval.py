@@ -1,5 +1,6 @@
-"""GenEval-style evaluation with the exact Shapes verifier: per-tag accuracy with standard errors,
-JSON + markdown report and an image grid with pass/fail borders."""
+"""GenEval-style evaluation: per-tag accuracy with standard errors, JSON + markdown report and an image grid with
+pass/fail borders. Images are scored by the exact Shapes verifier, or by any scorer returning its `Verdict`
+(`flowgrpo.eval.geneval_detector.GenevalScorer` for real GenEval classes)."""
 from __future__ import annotations
 
 import json
@@ -52,8 +53,8 @@ def check_shapes_metadata(entries: list[dict]) -> None:
     unknown = sorted(classes - set(W.SHAPES))
     if unknown:
         raise ValueError(f"the bundled verifier knows the Shapes classes {W.SHAPES} only; this metadata asks for "
-                         f"{unknown[:5]}{'...' if len(unknown) > 5 else ''}. Real GenEval classes need GenEval's "
-                         "object detector, which flowgrpo does not bundle.")
+                         f"{unknown[:5]}{'...' if len(unknown) > 5 else ''}. Real GenEval classes need a COCO detector "
+                         "and CLIP: flowgrpo.eval.geneval_detector.GenevalScorer.")
 
 
 def prompt_diversity(images: list[np.ndarray], entries: list[dict]) -> float:
@@ -86,10 +87,10 @@ class GenevalMetric(Metric):
             self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, images: list[np.ndarray], entries: list[dict]) -> None:
-        self.last_passed = []  # this update's pass/fail per image, for grids
-        for img, e in zip(images, entries):
-            v = self.scorer(img, e)
-            self.last_passed.append(v.passed)
+        verdicts = (self.scorer.score_batch(images, entries) if hasattr(self.scorer, "score_batch")
+                    else [self.scorer(img, e) for img, e in zip(images, entries)])
+        self.last_passed = [v.passed for v in verdicts]  # this update's pass/fail per image, for grids
+        for img, e, v in zip(images, entries, verdicts):
             t = self.tags.index(e["tag"])
             self.passed[t] += v.passed
             self.count[t] += 1
@@ -132,7 +133,8 @@ def grid_picks(entries: list[dict], per_tag: int = 8) -> list[int]:
 
 
 def score_images(images: list[np.ndarray], entries: list[dict], scorer=verify) -> GenevalResult:
-    """Score images against their entries in one process; overall = mean of per-tag accuracies (GenEval)."""
+    """Score images against their entries in one process; overall = mean of per-tag accuracies (GenEval).
+    `scorer(image, entry)` returns a `Verdict`; a scorer with `score_batch(images, entries)` gets all images at once."""
     metric = GenevalMetric(ordered_tags(entries), scorer)
     metric.update(images, entries)
     result = metric.compute()
@@ -148,12 +150,14 @@ def eval_batches(n_images: int, images_per_prompt: int, batch: int) -> list[slic
 
 @torch.no_grad()
 def evaluate(policy, entries: list[dict], *, images_per_prompt: int, num_steps: int, guidance: float,
-             seed: int = 0, batch: int = 64, progress: bool = True, dist=None, scorer=verify) -> GenevalResult:
-    """Generate `images_per_prompt` ODE samples per entry and score them. Batch j's noise is the j-th draw of
-    one generator seeded with ``seed`` (every process draws them all); with ``dist`` process r makes and scores the
-    batches j with j % world_size == r, so any number of processes gives the images of one."""
-    if scorer is verify:
+             seed: int = 0, batch: int = 64, progress: bool = True, dist=None, scorer=None) -> GenevalResult:
+    """Generate `images_per_prompt` ODE samples per entry and score them with `scorer` (default: the Shapes
+    verifier, which needs Shapes metadata). Batch j's noise is the j-th draw of one generator seeded with ``seed``
+    (every process draws them all); with ``dist`` process r makes and scores the batches j with
+    j % world_size == r, so any number of processes gives the images of one."""
+    if scorer is None:
         check_shapes_metadata(entries)
+        scorer = verify
     todo = [e for e in entries for _ in range(images_per_prompt)]
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     metric = GenevalMetric(ordered_tags(entries), scorer).to(dist.device if dist is not None else "cpu")

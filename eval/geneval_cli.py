@@ -1,4 +1,5 @@
-"""`flowgrpo eval geneval`: GenEval-format metadata scored with the exact Shapes verifier."""
+"""`flowgrpo eval geneval`: GenEval-format metadata scored with the exact Shapes verifier, or for real GenEval
+classes with a COCO detector and CLIP (`--scorer detector`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,36 +9,80 @@ from pathlib import Path
 
 
 def run_geneval_command(args: argparse.Namespace) -> int:
-    from flowgrpo.eval.geneval import check_shapes_metadata, evaluate, markdown_table, write_report
+    from flowgrpo.eval.geneval import evaluate, markdown_table, score_images, write_report
+    from flowgrpo.eval.geneval_images import load_geneval_images
     from flowgrpo.prompts.loaders import PromptFileError, load_geneval, load_prompts
     from flowgrpo.sample import load_policy_for_sampling
+    from flowgrpo.shapes.verify import verify
 
     try:
-        entries = load_prompts(args.metadata) if args.metadata.startswith("shapes:") else load_geneval(args.metadata)
-        check_shapes_metadata(entries)
-    except (PromptFileError, ValueError) as err:
+        if args.images:
+            images, entries = load_geneval_images(args.images)
+        else:
+            entries = load_prompts(args.metadata) if args.metadata.startswith("shapes:") else load_geneval(args.metadata)
+        scorer = _scorer(args, entries)
+    except (PromptFileError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from flowgrpo.assets import SHAPES_MODEL
+    if args.images:
+        name = Path(args.images).name
+        result = score_images(images, entries, scorer or verify)
+    else:
+        from flowgrpo.assets import SHAPES_MODEL
 
-    policy = load_policy_for_sampling(args.model or str(SHAPES_MODEL), lora=args.lora, batch=args.batch)
-    result = evaluate(policy, entries, images_per_prompt=args.n, num_steps=args.steps, guidance=args.guidance,
-                      seed=args.seed, batch=args.batch)
-    out = write_report(result, args.out, name=Path(args.model or "shapes-base").name)
+        name = Path(args.model or "shapes-base").name
+        policy = load_policy_for_sampling(args.model or str(SHAPES_MODEL), lora=args.lora, batch=args.batch)
+        result = evaluate(policy, entries, images_per_prompt=args.n, num_steps=args.steps, guidance=args.guidance,
+                          seed=args.seed, batch=args.batch, scorer=scorer)
+    out = write_report(result, args.out, name=name)
     (out / "command.json").write_text(json.dumps(vars(args) | {"func": None}, indent=1, default=str))
-    print(markdown_table({Path(args.model or "shapes-base").name: result.summary()}))
+    print(markdown_table({name: result.summary()}))
     print(f"report: {out / 'report.md'}  grid: {out / 'grid.png'}")
     return 0
 
 
+def _scorer(args: argparse.Namespace, entries: list[dict]):
+    """None for the Shapes verifier (once the entries are known to be Shapes metadata), else a GenevalScorer."""
+    if args.scorer == "shapes":
+        from flowgrpo.eval.geneval import check_shapes_metadata
+
+        try:
+            check_shapes_metadata(entries)
+        except ValueError as err:
+            raise ValueError(f"{err} Score them with --scorer detector --detector PATH --clip PATH.") from None
+        return None
+    missing = [flag for flag, path in (("--detector", args.detector), ("--clip", args.clip)) if not path]
+    if missing:
+        raise ValueError(f"--scorer detector needs {' and '.join(missing)}: the local directories of a Mask2Former "
+                         "COCO instance-segmentation model and of a transformers CLIP (ViT-L/14 for GenEval)")
+    import torch
+
+    from flowgrpo.eval.geneval_detector import GenevalScorer
+    from flowgrpo.eval.geneval_rules import check_geneval_metadata
+
+    check_geneval_metadata(entries)
+    device = args.scorer_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return GenevalScorer(args.detector, args.clip, device=device, detector_size=args.detector_size,
+                         detector_option="--detector", clip_option="--clip")
+
+
 def register_geneval(eval_subparsers: argparse._SubParsersAction) -> None:
     p = eval_subparsers.add_parser(
-        "geneval", help="GenEval-style accuracy per tag on Shapes metadata (exact verifier)",
-        description="Generate N images per metadata entry and score them with the exact Shapes verifier: per-tag "
-                    "accuracy with standard errors, overall = mean over tags, malformed/empty rates and background "
-                    "noise as image-quality guards. Writes results.json, report.md and grid.png (green = pass).",
+        "geneval", help="GenEval accuracy per tag (Shapes verifier, or a COCO detector + CLIP for real GenEval)",
+        description="Generate N images per metadata entry (or read them with --images) and score them: per-tag "
+                    "accuracy with standard errors, "
+                    "overall = mean over tags, why images fail, malformed/empty rates and background noise as "
+                    "image-quality guards. Writes results.json, report.md and grid.png (green = pass). The default "
+                    "scorer is the exact Shapes verifier (Shapes metadata only); GenEval's own metadata (80 COCO "
+                    "classes) needs --scorer detector with local --detector and --clip directories, scored by "
+                    "GenEval's rules (thresholds 0.3 / 0.9 for counting, CLIP colour on the masked object, "
+                    "relative position with a 0.1 margin). Nothing is downloaded.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="local diffusers pipeline directory (default: the shipped Shapes model)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="local diffusers pipeline directory (default: the shipped Shapes model)")
+    src.add_argument("--images", metavar="DIR", help="score images already generated in GenEval's layout "
+                     "(DIR/NNNNN/metadata.jsonl, DIR/NNNNN/samples/NNNN.png) instead of generating; --metadata, "
+                     "--n and the generation options are then unused")
     p.add_argument("--lora", default=None, help="LoRA weights directory to load on top of --model")
     p.add_argument("--metadata", default="shapes:test", help="GenEval-format JSONL, or shapes:test / shapes:train")
     p.add_argument("--out", required=True, help="output directory")
@@ -46,4 +91,13 @@ def register_geneval(eval_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
+    p.add_argument("--scorer", choices=["shapes", "detector"], default="shapes",
+                   help="shapes = the exact Shapes verifier; detector = GenEval's protocol with --detector and --clip")
+    p.add_argument("--detector", metavar="PATH", help="local Mask2Former COCO instance-segmentation model directory "
+                   "(e.g. a download of facebook/mask2former-swin-small-coco-instance)")
+    p.add_argument("--clip", metavar="PATH", help="local transformers CLIP directory with its processor and tokenizer "
+                   "(e.g. a download of openai/clip-vit-large-patch14, GenEval's colour classifier)")
+    p.add_argument("--detector-size", type=int, default=800,
+                   help="short side the detector sees (800 = mmdetection's test scale, as in GenEval)")
+    p.add_argument("--scorer-device", default=None, help="device of the detector and CLIP; None = cuda if available")
     p.set_defaults(func=run_geneval_command)

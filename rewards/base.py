@@ -170,6 +170,7 @@ class _Lazy:
 
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "shapes": _Lazy("flowgrpo.rewards.shapes:ShapesReward"),
+    "geneval": _Lazy("flowgrpo.rewards.geneval:GenevalReward"),
     "clipscore": _Lazy("flowgrpo.rewards.clip_score:ClipScore"),
     "pickscore": _Lazy("flowgrpo.rewards.pickscore:PickScore"),
     "aesthetic": _Lazy("flowgrpo.rewards.aesthetic:AestheticScore"),
