@@ -10,11 +10,13 @@ from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.rewards.shapes import to_uint8
 
 
-def load_policy_for_sampling(model: str, *, lora: str | None = None, batch: int = 16) -> FlowPolicy:
+def load_policy_for_sampling(model: str, *, lora: str | None = None, batch: int = 16,
+                             device: str | None = None) -> FlowPolicy:
+    """A pipeline (with its LoRA) on ``device``: the GPU when there is one, unless told otherwise."""
     policy = FlowPolicy.from_pretrained(model, micro_batch=batch)
     if lora:
         policy.pipe.load_lora_weights(lora)
-    return policy
+    return policy.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_generator(model: str, *, lora: str | None = None, steps: int = 20, guidance: float = 4.5,
