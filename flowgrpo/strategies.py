@@ -8,6 +8,10 @@ of processes. Each returns masks over the GLOBAL batch; the task keeps its own r
 - `dance_grpo`: the same sampling, a random subset of `train_steps` of the SDE steps trained (the same for every row).
 - `g2rpo`: G²RPO singular stochastic sampling — each group shares its ODE path up to one branch step (uniform in the
   window), where each member takes one SDE step; optional multi-granularity advantages (coarser ODE finishes).
+
+Every random draw is keyed by the global sample (see `flowgrpo.samplers.noise`): sample i of iteration t starts from
+noise keyed (seed, t, i) — or (seed, t, group) when a group shares its initial noise — and its SDE step k draws noise
+keyed (seed, t, i, k), so a process makes exactly the images a single process would make for the same samples.
 """
 from __future__ import annotations
 
@@ -18,7 +22,30 @@ import torch
 from torch import Tensor
 
 from flowgrpo.core import AdvantageResult
+from flowgrpo.samplers.noise import KeyedNoise, Stream, keyed_normal
 from flowgrpo.samplers.rollout import dance_train_steps
+
+
+def initial_noise(cfg, plan, shape: tuple[int, ...], groups: Tensor | None = None) -> Tensor:
+    """x_T of this process's rows [b, *shape]: keyed by group when the members share it, else by sample; or of the
+    given ``groups`` [p] (one row each, the draw their members share)."""
+    if groups is None:
+        keys = plan.group_ids[plan.indices] if cfg.shared_noise else plan.indices
+    else:
+        keys = groups
+    per = int(cfg.shared_noise or groups is not None)  # a group's draw is not sample 0's
+    return keyed_normal([(cfg.seed, Stream.INIT, plan.iteration, per, int(k)) for k in keys], shape)
+
+
+def sde_noise(cfg, plan) -> KeyedNoise:
+    """Each row's SDE noise keyed by its sample; antithetic pairs (members 2j, 2j+1 of a group) share a key and
+    take opposite signs."""
+    idx = plan.indices
+    if cfg.antithetic:
+        keys, signs = idx // 2, 1.0 - 2.0 * (idx % 2).float()
+    else:
+        keys, signs = idx, None
+    return KeyedNoise([(cfg.seed, Stream.SDE, plan.iteration, int(k)) for k in keys], signs)
 
 
 class Strategy:
@@ -28,6 +55,19 @@ class Strategy:
         self.cfg = cfg
         # CPS's last step (to sigma 0) has no noise, so it always runs as ODE
         self.usable = cfg.num_steps - 1 if cfg.sde_kind == "cps" else cfg.num_steps
+
+    def rollout(self, task, plan):
+        """This process's rollouts: every row sampled on its own, stochastic where ``sde_mask`` says."""
+        cfg, idx = self.cfg, plan.indices
+        rows = plan.local_rows()
+        mask = self.sde_mask(plan)
+        ro = task.policy.rollout([r["prompt"] for r in rows], rows, plan.group_ids[idx],
+                                 initial_noise(cfg, plan, task.policy.latent_shape()), sigmas=task.schedule(plan),
+                                 sde_mask=mask[idx] if mask.ndim == 2 else mask, guidance=cfg.guidance,
+                                 kind=cfg.sde_kind, noise_level=cfg.noise_level, noise=sde_noise(cfg, plan),
+                                 noise_freqs=cfg.noise_freqs)
+        ro.train_steps = self.train_steps(ro.sde_mask.expand(len(ro), cfg.num_steps), plan)
+        return ro
 
     def sde_mask(self, plan) -> Tensor:
         """[T] (the same for every row) or [B, T] over the global batch: True where a step is stochastic."""
@@ -71,15 +111,31 @@ class DanceGRPO(Strategy):
 
 
 class G2RPO(Strategy):
-    """One branch step per group: every member takes its single SDE step there, from the shared ODE path."""
+    """One branch step per group: every member takes its single SDE step there, from the shared ODE path. A group
+    is evaluated as one row up to and including its branch point (`FlowPolicy.rollout_branched`)."""
 
     name = "g2rpo"
 
-    def sde_mask(self, plan) -> Tensor:
+    def branch_steps(self, plan) -> Tensor:
+        """[n_groups] each group's branch step, uniform in the window."""
         window = min(self.cfg.sde_steps or max(self.cfg.num_steps // 2, 1), self.usable)
-        n_groups = int(plan.group_ids.max()) + 1
-        branch = torch.from_numpy(plan.rng(1).integers(window, size=n_groups))[plan.group_ids]
-        return torch.nn.functional.one_hot(branch, self.cfg.num_steps).to(torch.bool)
+        return torch.from_numpy(plan.rng(1).integers(window, size=int(plan.group_ids.max()) + 1))
+
+    def sde_mask(self, plan) -> Tensor:
+        return torch.nn.functional.one_hot(self.branch_steps(plan)[plan.group_ids], self.cfg.num_steps).to(torch.bool)
+
+    def rollout(self, task, plan):
+        cfg, idx = self.cfg, plan.indices
+        rows = plan.local_rows()
+        group_ids = plan.group_ids[idx]
+        groups = torch.unique_consecutive(group_ids)  # this process's groups (or parts of groups), in row order
+        ro = task.policy.rollout_branched([r["prompt"] for r in rows], rows, group_ids,
+                                          initial_noise(cfg, plan, task.policy.latent_shape(), groups),
+                                          self.branch_steps(plan)[groups], sigmas=task.schedule(plan),
+                                          guidance=cfg.guidance, kind=cfg.sde_kind, noise_level=cfg.noise_level,
+                                          noise=sde_noise(cfg, plan), noise_freqs=cfg.noise_freqs)
+        ro.train_steps = self.train_steps(ro.sde_mask, plan)
+        return ro
 
     def advantages(self, task, ro, rewards: Tensor, plan, trainer) -> AdvantageResult:
         """The sampled images' advantages plus (multi-granularity) those of the same branches finished on each

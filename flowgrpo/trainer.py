@@ -8,6 +8,7 @@ logging. Every process holds the same training state; process 0 alone writes fil
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -210,6 +211,10 @@ class Trainer:
                     break
                 metrics = self.step(draw(self.state.iteration))
                 out.append(metrics)
+                if len(out) == 3 and self.dist.is_main:  # a first estimate, once the warm-up is behind
+                    per_it = statistics.median(m["seconds_per_iter"] for m in out)
+                    tqdm.write(f"{per_it:.1f} s per iteration: about {per_it * (iterations - self.state.iteration) / 60:.0f}"
+                               f" min of training to go for {iterations} iterations (evaluations not included)")
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", clip=f"{metrics.get('clip_frac', 0):.2f}")
                 if after_step is not None:

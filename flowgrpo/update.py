@@ -1,9 +1,9 @@
 """The one PPO-clip update of every trainer: images (SDE steps) and text (tokens) alike.
 
 A process's share of an iteration is a grid of elements (rows x steps): the trained SDE steps of each image, or the
-completion tokens of each text. The policy evaluates it chunk by chunk — a micro-batch of rows times a slice of
-step columns — through three callbacks: ``log_prob`` (with gradient), ``reference_out`` (the frozen reference, only
-when beta > 0) and ``kl``. Each optimizer step first builds its loss weights W from the masks of ALL its rows on ALL
+completion tokens of each text. The policy cuts it into chunks (``chunks``: rows x a slice of step columns, each
+one forward pass, as its sampler evaluated them) and evaluates them through three callbacks: ``log_prob`` (with
+gradient), ``reference_out`` (the frozen reference, only when beta > 0) and ``kl``. Each optimizer step first builds its loss weights W from the masks of ALL its rows on ALL
 processes, so its gradient is that of the whole global batch, whatever the micro-batch size, the order of the
 backward passes or the number of processes (DDP averages gradients over ranks, so each rank scales its loss by the
 number of ranks).
@@ -21,6 +21,23 @@ from torch import Tensor
 from flowgrpo.core import loss_weights, ppo_clip_loss
 from flowgrpo.distributed import Dist
 from flowgrpo.settings import BatchLayout, GRPOSettings
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Elements evaluated by one forward pass: local ``rows`` x step columns ``cols``; ``call`` is the policy's own
+    note of how to evaluate them (e.g. which shared rows a G²RPO group's branch velocity came from)."""
+
+    rows: Tensor  # local row indices
+    cols: slice
+    key: tuple  # identifies the chunk (the reference outputs are cached under it)
+    call: Any = None
+
+
+def grid_chunks(rows: slice, micro_batch: int, columns: list[slice]) -> list[Chunk]:
+    """Micro-batches of consecutive rows times each column slice (rows sampled in the same micro-batches)."""
+    return [Chunk(torch.arange(m, min(m + micro_batch, rows.stop)), c, (m, c.start))
+            for m in range(rows.start, rows.stop, micro_batch) for c in columns]
 
 
 @dataclass
@@ -61,22 +78,21 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
     backward pass of each optimizer step only. Returns metrics over all processes.
     """
     weights = _global_weights(batch, cfg, layout, dist)
-    columns = policy.columns(batch.rollout)
     params = policy.trainable_parameters()
     device = batch.mask.device
     old = batch.sampled_logp.detach().clone()
-    ref_cache: dict[tuple[int, int], Any] = {}
+    ref_cache: dict[tuple, Any] = {}
     sums: dict[str, float] = defaultdict(float)
     ratio_min, ratio_max = math.inf, -math.inf
-    rps, micro = layout.rows_per_step, layout.micro_batch
+    rps = layout.rows_per_step
     for epoch in range(cfg.inner_epochs):
         for o in range(layout.optimizer_steps):
             w_step = weights[o].to(device)
-            chunks = [(m, c) for m in range(o * rps, (o + 1) * rps, micro) for c in range(len(columns))]
-            for n, (m, c) in enumerate(chunks):
-                rows, cols = slice(m, m + micro), columns[c]
+            chunks = policy.chunks(batch.rollout, slice(o * rps, (o + 1) * rps), layout.micro_batch)
+            for n, chunk in enumerate(chunks):
+                rows, cols = chunk.rows.to(device), chunk.cols
                 with dist.no_sync(module, skip=n < len(chunks) - 1):
-                    logp, kl_in = policy.log_prob(batch.rollout, rows, cols)
+                    logp, kl_in = policy.log_prob(batch.rollout, chunk)
                     active = batch.mask[rows, cols] != 0
                     if epoch == 0:
                         sums["logp_diff"] = max(sums["logp_diff"], float(
@@ -85,12 +101,12 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
                             old[rows, cols] = logp.detach()
                     adv = batch.advantages[rows] if batch.advantages.ndim == 1 else batch.advantages[rows, cols]
                     elem, st = ppo_clip_loss(logp, old[rows, cols], adv, cfg.clip_low, cfg.clip_high, mask=active)
-                    w = w_step[rows.start - o * rps : rows.stop - o * rps, cols]
+                    w = w_step[rows - o * rps, cols]
                     if cfg.beta > 0:
-                        if (m, c) not in ref_cache:
+                        if chunk.key not in ref_cache:
                             with torch.no_grad():
-                                ref_cache[(m, c)] = policy.reference_out(batch.rollout, rows, cols)
-                        kl = policy.kl(kl_in, ref_cache[(m, c)])
+                                ref_cache[chunk.key] = policy.reference_out(batch.rollout, chunk)
+                        kl = policy.kl(kl_in, ref_cache[chunk.key])
                         elem = elem + cfg.beta * kl
                         if epoch == 0:
                             sums["kl"] += float((w * kl.detach()).sum()) / dist.world_size

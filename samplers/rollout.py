@@ -78,6 +78,7 @@ def sample_trajectory(
     noise: KeyedNoise | None = None,
     antithetic: bool = False,
     noise_freqs: int = 0,
+    exact_velocity_fn: VelocityFn | None = None,
 ) -> Trajectory:
     """Integrate from ``x_init`` (at ``sigmas[0]``) to ``sigmas[-1] = 0``, stochastic where ``sde_mask``.
 
@@ -99,6 +100,8 @@ def sample_trajectory(
             given by its keys and signs instead.)
         noise_freqs: k > 0 restricts the SDE noise to the k x k lowest DCT frequencies of each latent channel
             (the layout); the step is the ODE step in every other direction (see ``steps``).
+        exact_velocity_fn: the velocity at stochastic steps (default ``velocity_fn``): those are the steps whose
+            log-probs training recomputes, so a policy evaluates them exactly as its update does.
 
     Raises ValueError if a requested SDE step is deterministic (std 0: noise level 0, or CPS's step to
     sigma 0); leave such steps out of ``sde_mask``.
@@ -139,7 +142,7 @@ def sample_trajectory(
     latents, log_probs = [x_init], []
     for i, is_sde in enumerate(stochastic):
         sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
-        v = velocity_fn(x, sigma.expand(batch))
+        v = (exact_velocity_fn or velocity_fn)(x, sigma.expand(batch)) if is_sde else velocity_fn(x, sigma.expand(batch))
         if is_sde:  # a generator draws for every row, so a row's draw does not depend on the other rows' masks
             eps = None
             if noise is not None:

@@ -27,8 +27,10 @@ from flowgrpo.checkpoint import load_trainable, trainable_state_dict
 from flowgrpo.core import gaussian_mean_kl
 from flowgrpo.policies.families import Cond, Family, family_for
 from flowgrpo.samplers.noise import KeyedNoise
+from flowgrpo.samplers.branched import sample_branched
 from flowgrpo.samplers.rollout import coarse_tail, sample_trajectory
 from flowgrpo.samplers.steps import gaussian_log_prob, transition_mean_std
+from flowgrpo.update import Chunk, grid_chunks
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -70,6 +72,9 @@ class Rollout:
     noise_freqs: int = 0  # > 0: the SDE noise lived in the lowest noise_freqs x noise_freqs DCT frequencies
     guidance: float = 1.0  # the CFG scale sampling used (training recomputes with it)
     train_steps: Tensor | None = None  # [B, S] the steps each row trains on (chosen by the rollout strategy)
+    # G²RPO rollouts computed per group: the branch calls (step, groups) as sampled, and each row's group
+    branch_calls: list[tuple[int, Tensor]] | None = None
+    member_group: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -274,12 +279,27 @@ class FlowPolicy:
             v_u = self._call(plain, x, sigma, neg)
         return v_u + guidance * (v_c - v_u)
 
-    def _chunked_velocity(self, cond: Cond, guidance: float):
-        def fn(x: Tensor, sigma: Tensor) -> Tensor:
+    @torch.no_grad()
+    def _joint_velocity(self, x: Tensor, sigma: Tensor, cond: Cond, guidance: float) -> Tensor:
+        """CFG velocity with both branches in one call of 2n rows (sampling steps no update recomputes)."""
+        if guidance == 1.0:
+            return self._call(self.transformer, x, sigma, cond)
+        both = _cat([cond, self.negative_cond(x.shape[0])])
+        v = self._call(self.transformer, torch.cat([x, x]), torch.cat([sigma, sigma]), both)
+        v_c, v_u = v[: x.shape[0]], v[x.shape[0]:]
+        return v_u + guidance * (v_c - v_u)
+
+    def _chunked_velocity(self, cond: Cond, guidance: float, *, exact: bool = True):
+        """``fn(x, sigma, index=None)``: velocities in micro-batches, row i conditioned on ``cond`` row ``index[i]``
+        (default i). ``exact``: the CFG branches as the separate calls training repeats (steps whose log-prob
+        trains); else one call for both (deterministic steps)."""
+        def fn(x: Tensor, sigma: Tensor, index: Tensor | None = None) -> Tensor:
+            c = cond if index is None else {k: v[index.to(v.device)] for k, v in cond.items()}
             out = []
             for s in range(0, x.shape[0], self.micro_batch):
                 rows = slice(s, s + self.micro_batch)
-                out.append(self.velocity(x[rows], sigma[rows], _rows(cond, rows), guidance))
+                step = self.velocity if exact else self._joint_velocity
+                out.append(step(x[rows], sigma[rows], _rows(c, rows), guidance))
             return torch.cat(out)
         return fn
 
@@ -291,11 +311,29 @@ class FlowPolicy:
                 noise_freqs: int = 0) -> Rollout:
         """Sample trajectories from ``x_init``; SDE noise from per-row ``noise`` (training) or one ``generator``."""
         cond = self.cond(prompts)
-        traj = sample_trajectory(self._chunked_velocity(cond, guidance), x_init.to(self.device), sigmas,
+        traj = sample_trajectory(self._chunked_velocity(cond, guidance, exact=False), x_init.to(self.device), sigmas,
                                  sde_mask=sde_mask, kind=kind, noise_level=noise_level, generator=generator,
-                                 noise=noise, antithetic=antithetic, noise_freqs=noise_freqs)
+                                 noise=noise, antithetic=antithetic, noise_freqs=noise_freqs,
+                                 exact_velocity_fn=self._chunked_velocity(cond, guidance))
         return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
                        kind, noise_level, self.decode(traj.latents[:, -1]), noise_freqs, guidance)
+
+    @torch.no_grad()
+    def rollout_branched(self, prompts: list[str], metadata: list[dict], group_ids: Tensor, x_groups: Tensor,
+                         branch: Tensor, *, sigmas: Tensor, guidance: float, kind: str, noise_level: float,
+                         noise: KeyedNoise, noise_freqs: int = 0) -> Rollout:
+        """G²RPO rollouts computed per group (`flowgrpo.samplers.branched`): the rows of a group (same ``group_ids``)
+        share ``x_groups`` [P] (one per distinct group, in order of first appearance) and their path up to
+        ``branch`` [P]; each takes one SDE step there."""
+        _, member_group = torch.unique_consecutive(group_ids, return_inverse=True)
+        firsts = torch.nonzero(torch.cat([torch.tensor([True]), member_group[1:] != member_group[:-1]])).flatten()
+        cond = self.cond([prompts[int(i)] for i in firsts])
+        traj = sample_branched(self._chunked_velocity(cond, guidance, exact=False), self._chunked_velocity(cond, guidance),
+                               x_groups.to(self.device), sigmas, branch, member_group, noise=noise, kind=kind,
+                               noise_level=noise_level, noise_freqs=noise_freqs, call_size=self.micro_batch)
+        return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
+                       kind, noise_level, self.decode(traj.latents[:, -1]), noise_freqs, guidance,
+                       branch_calls=traj.branch_calls, member_group=member_group)
 
     @torch.no_grad()
     def finish_coarse(self, ro: Rollout, granularity: int, guidance: float) -> Tensor:
@@ -333,33 +371,62 @@ class FlowPolicy:
         return self.decode(traj.latents[:, -1])
 
     # --------------------------------------------------------------- training
-    def step_log_prob(self, ro: Rollout, rows: slice, step: int | Tensor, guidance: float | None = None, *,
+    def step_log_prob(self, ro: Rollout, rows: slice | Tensor, step: int | Tensor, guidance: float | None = None, *,
                       transformer=None, grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """(log_prob [b], mean, std) of the stored transition at `step` (one index, or one per row [b])
-        for rows of the rollout, with the rollout's CFG scale unless ``guidance`` is given."""
-        step = torch.as_tensor(step).expand(len(ro.prompts[rows]))
-        pick = torch.arange(len(step))
-        x, x_next = ro.latents[rows][pick, step], ro.latents[rows][pick, step + 1]
+        for rows (a slice or indices) of the rollout, with the rollout's CFG scale unless ``guidance`` is given."""
+        idx = torch.arange(len(ro))[rows] if isinstance(rows, slice) else rows
+        step = torch.as_tensor(step).expand(len(idx))
+        x, x_next = ro.latents[idx, step], ro.latents[idx, step + 1]
         sigma, sigma_next = ro.sigmas[step].to(x.device), ro.sigmas[step + 1].to(x.device)
-        v = self.velocity(x, sigma, self.cond(ro.prompts[rows]), ro.guidance if guidance is None else guidance,
-                          transformer=transformer, grad=grad)
+        v = self.velocity(x, sigma, self.cond([ro.prompts[i] for i in idx.tolist()]),
+                          ro.guidance if guidance is None else guidance, transformer=transformer, grad=grad)
         mean, std = transition_mean_std(ro.kind, x, v, sigma, sigma_next, ro.noise_level,
                                         sigma_max=float(ro.sigmas[1]), noise_freqs=ro.noise_freqs)
         return gaussian_log_prob(x_next, mean, std, ro.noise_freqs), mean, std
 
-    def columns(self, ro: Rollout) -> list[slice]:
-        """The trained steps are evaluated one column (one step per row) per forward pass."""
-        return [slice(k, k + 1) for k in range(ro.train_steps.shape[1])]
+    def chunks(self, ro: Rollout, rows: slice, micro_batch: int) -> list[Chunk]:
+        """The trained elements of ``rows`` as the sampler evaluated them: micro-batches of rows, one trained step
+        (column) each; for per-group G²RPO rollouts, each branch call with the members of its groups in ``rows``."""
+        if ro.branch_calls is None:
+            return grid_chunks(rows, micro_batch, [slice(k, k + 1) for k in range(ro.train_steps.shape[1])])
+        local = torch.arange(rows.start, rows.stop)
+        out = []
+        for j, (t, groups) in enumerate(ro.branch_calls):
+            members = local[torch.isin(ro.member_group[local], groups)]
+            if len(members):
+                out.append(Chunk(members, slice(0, 1), ("branch", j), (t, groups)))
+        return out
 
-    def log_prob(self, ro: Rollout, rows: slice, cols: slice) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """log-probs [b, 1] of the rows' trained step in column ``cols`` (with gradient), and (mean, std) for the KL."""
-        logp, mean, std = self.step_log_prob(ro, rows, ro.train_steps[rows, cols.start])
-        return logp[:, None], (mean, std)
+    def log_prob(self, ro: Rollout, chunk: Chunk) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """log-probs [n, 1] of the chunk's trained steps (with gradient), and (mean, std) for the KL."""
+        if chunk.call is None:
+            logp, mean, std = self.step_log_prob(ro, chunk.rows, ro.train_steps[chunk.rows, chunk.cols.start])
+            return logp[:, None], (mean, std)
+        return self._branch_log_prob(ro, chunk)
 
-    def reference_out(self, ro: Rollout, rows: slice, cols: slice) -> Tensor:
+    def _branch_log_prob(self, ro: Rollout, chunk: Chunk, *, transformer=None, grad: bool = True):
+        """One G²RPO branch call as sampled: the velocity at each group's shared x_t (the same rows in the same
+        call), then the log-density of each member's own step from it."""
+        t, groups = chunk.call
+        first = torch.stack([torch.nonzero(ro.member_group == g).flatten()[0] for g in groups.tolist()])
+        x = ro.latents[first, t]
+        sigma, sigma_next = ro.sigmas[t].to(x.device), ro.sigmas[t + 1].to(x.device)
+        cond = self.cond([ro.prompts[int(i)] for i in first])
+        v = self.velocity(x, sigma.expand(len(first)), cond, ro.guidance, transformer=transformer, grad=grad)
+        mean, std = transition_mean_std(ro.kind, x, v, sigma, sigma_next, ro.noise_level,
+                                        sigma_max=float(ro.sigmas[1]), noise_freqs=ro.noise_freqs)
+        slot = torch.searchsorted(groups.to(x.device), ro.member_group[chunk.rows].to(x.device))
+        logp = gaussian_log_prob(ro.latents[chunk.rows, t + 1], mean[slot], std, ro.noise_freqs)
+        return logp[:, None], (mean[slot], std)
+
+    def reference_out(self, ro: Rollout, chunk: Chunk) -> Tensor:
         """The reference policy's step mean for the same elements (no gradient)."""
         with self.reference() as ref:
-            return self.step_log_prob(ro, rows, ro.train_steps[rows, cols.start], transformer=ref, grad=False)[1]
+            if chunk.call is not None:
+                return self._branch_log_prob(ro, chunk, transformer=ref, grad=False)[1][0]
+            return self.step_log_prob(ro, chunk.rows, ro.train_steps[chunk.rows, chunk.cols.start], transformer=ref,
+                                      grad=False)[1]
 
     def kl(self, kl_in: tuple[Tensor, Tensor], ref_mean: Tensor) -> Tensor:
         """KL of the step's Gaussian to the reference's, [b, 1] (means differ, std is shared)."""

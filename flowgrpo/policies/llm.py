@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from flowgrpo.checkpoint import load_trainable, trainable_state_dict
 from flowgrpo.core import k3_kl
 from flowgrpo.samplers.noise import keyed_generator
+from flowgrpo.update import Chunk, grid_chunks
 
 __all__ = ["SamplingConfig", "TokenRollout", "LLMPolicy", "load_causal_lm", "Prompt"]
 
@@ -83,11 +84,11 @@ class TokenRollout:
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
-    def select(self, rows: slice) -> "TokenRollout":
-        """The rollout restricted to ``rows`` (same padding widths, so log-probs are unchanged)."""
-        return TokenRollout(**{
-            f.name: getattr(self, f.name)[rows] for f in fields(self)
-        })
+    def select(self, rows: slice | Tensor) -> "TokenRollout":
+        """The rollout restricted to ``rows`` (a slice or indices; same padding widths, so log-probs are unchanged)."""
+        pick = (lambda v: v[rows]) if isinstance(rows, slice) else (
+            lambda v: v[rows.to(v.device)] if isinstance(v, Tensor) else [v[i] for i in rows.tolist()])
+        return TokenRollout(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 
 def load_causal_lm(
@@ -329,22 +330,21 @@ class LLMPolicy:
         logp = picked - torch.logsumexp(logits, dim=2)
         return logp.masked_fill(~r.completion_mask, 0.0)  # never NaN/garbage outside the mask
 
-    def log_prob(self, rollout: TokenRollout, rows: slice | None = None,
-                 cols: slice | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    def log_prob(self, rollout: TokenRollout, chunk: Chunk | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Completion token log-probs [B, T] under the current policy (differentiable; 0 outside the mask).
-        With ``rows`` / ``cols`` (the trainer's chunk): those rows' log-probs, through the bound training module,
-        and the same tensor as the KL input."""
-        if rows is None:
+        For a trainer ``chunk``: its rows' log-probs, through the bound training module, and the same tensor as the
+        KL input."""
+        if chunk is None:
             return self._token_logp(self.model, rollout)
-        logp = self._token_logp(self._forward, rollout.select(rows))[:, cols]
+        logp = self._token_logp(self._forward, rollout.select(chunk.rows))[:, chunk.cols]
         return logp, logp
 
-    def columns(self, rollout: TokenRollout) -> list[slice]:
-        """All completion tokens of a row in one forward pass."""
-        return [slice(0, rollout.completion_ids.shape[1])]
+    def chunks(self, rollout: TokenRollout, rows: slice, micro_batch: int) -> list[Chunk]:
+        """Micro-batches of rows, all completion tokens of a row in one forward pass."""
+        return grid_chunks(rows, micro_batch, [slice(0, rollout.completion_ids.shape[1])])
 
-    def reference_out(self, rollout: TokenRollout, rows: slice, cols: slice) -> Tensor:
-        return self.ref_log_prob(rollout.select(rows))[:, cols]
+    def reference_out(self, rollout: TokenRollout, chunk: Chunk) -> Tensor:
+        return self.ref_log_prob(rollout.select(chunk.rows))[:, chunk.cols]
 
     def kl(self, logp: Tensor, ref_logp: Tensor) -> Tensor:
         return k3_kl(logp, ref_logp)

@@ -76,13 +76,21 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def _fill_holes(fg: np.ndarray) -> np.ndarray:
-    """Background pixels not connected to the border become foreground."""
+    """Background pixels not connected to the border become foreground: the background reachable from the border
+    grows one 4-neighbour ring per round (whole-array operations: the background is most of the image)."""
+    bg = ~fg
     outside = np.zeros_like(fg)
-    for comp in _components(~fg):
-        ys, xs = comp[:, 0], comp[:, 1]
-        if ys.min() == 0 or xs.min() == 0 or ys.max() == fg.shape[0] - 1 or xs.max() == fg.shape[1] - 1:
-            outside[ys, xs] = True
-    return ~outside
+    outside[[0, -1], :], outside[:, [0, -1]] = bg[[0, -1], :], bg[:, [0, -1]]
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= bg
+        if np.array_equal(grown, outside):
+            return ~outside
+        outside = grown
 
 
 def _templates(w: int, h: int) -> dict[str, np.ndarray]:
