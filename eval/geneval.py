@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchmetrics import Metric
-from tqdm import tqdm
 
 from flowgrpo.eval.grid import FAIL, PASS, image_grid
+from flowgrpo.eval.sampling import sharded_samples
 from flowgrpo.prompts.loaders import ordered_tags
 from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.shapes import world as W
@@ -142,36 +142,22 @@ def score_images(images: list[np.ndarray], entries: list[dict], scorer=verify) -
     return result
 
 
-def eval_batches(n_images: int, images_per_prompt: int, batch: int) -> list[slice]:
-    """Consecutive batches of at most ``batch`` images holding whole entries (an entry's images stay together)."""
-    size = max(images_per_prompt, batch // images_per_prompt * images_per_prompt)
-    return [slice(s, min(s + size, n_images)) for s in range(0, n_images, size)]
-
-
 @torch.no_grad()
 def evaluate(policy, entries: list[dict], *, images_per_prompt: int, num_steps: int, guidance: float,
              seed: int = 0, batch: int = 64, progress: bool = True, dist=None, scorer=None) -> GenevalResult:
     """Generate `images_per_prompt` ODE samples per entry and score them with `scorer` (default: the Shapes
-    verifier, which needs Shapes metadata). Batch j's noise is the j-th draw of one generator seeded with ``seed``
-    (every process draws them all); with ``dist`` process r makes and scores the batches j with
-    j % world_size == r, so any number of processes gives the images of one."""
+    verifier, which needs Shapes metadata); with ``dist`` the batches are split over the processes
+    (`flowgrpo.eval.sampling`: any number of processes gives the result of one)."""
     if scorer is None:
         check_shapes_metadata(entries)
         scorer = verify
     todo = [e for e in entries for _ in range(images_per_prompt)]
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     metric = GenevalMetric(ordered_tags(entries), scorer).to(dist.device if dist is not None else "cpu")
     picks = set(grid_picks(todo))
     grid = []
-    g = torch.Generator().manual_seed(seed)
-    batches = eval_batches(len(todo), images_per_prompt, batch)
-    for j, rows in enumerate(tqdm(batches, desc="eval", disable=not progress or rank != 0, leave=False)):
-        chunk = todo[rows]
-        x = torch.randn((len(chunk), *policy.latent_shape()), generator=g)
-        if j % world != rank:
-            continue
-        images = to_uint8(policy.generate([e["prompt"] for e in chunk], num_steps=num_steps, guidance=guidance,
-                                          x_init=x))
+    for rows, chunk, x in sharded_samples(policy, todo, images_per_prompt=images_per_prompt, num_steps=num_steps,
+                                     guidance=guidance, seed=seed, batch=batch, progress=progress, dist=dist):
+        images = to_uint8(x)
         metric.update(images, chunk)
         grid += [(i, images[i - rows.start], metric.last_passed[i - rows.start], todo[i]["tag"])
                  for i in range(rows.start, rows.stop) if i in picks]

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from flowgrpo.eval.geneval import eval_batches
+from flowgrpo.eval.sampling import sharded_samples
 from flowgrpo.eval.grid import image_grid
 from flowgrpo.prompts.loaders import ordered_tags
 from flowgrpo.rewards.shapes import to_uint8
@@ -60,20 +59,13 @@ def evaluate_reward(policy, entries: list[dict], reward_fn, *, images_per_prompt
     if not entries:
         raise ValueError("evaluate_reward needs at least one prompt")
     todo = [e for e in entries for _ in range(images_per_prompt)]
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    g = torch.Generator().manual_seed(seed)
     scored: list[tuple[int, float, np.ndarray | None]] = []
-    batches = eval_batches(len(todo), images_per_prompt, batch)
-    for j, rows in enumerate(tqdm(batches, desc="eval", disable=not progress or rank != 0, leave=False)):
-        chunk = todo[rows]
-        x_init = torch.randn((len(chunk), *policy.latent_shape()), generator=g)
-        if j % world != rank:
-            continue
-        prompts = [e["prompt"] for e in chunk]
-        x = policy.generate(prompts, num_steps=num_steps, guidance=guidance, x_init=x_init)
+    for rows, chunk, x in sharded_samples(policy, todo, images_per_prompt=images_per_prompt, num_steps=num_steps,
+                                     guidance=guidance, seed=seed, batch=batch, progress=progress, dist=dist):
         images = to_uint8(x)
+        rewards = reward_fn(x, [e["prompt"] for e in chunk], chunk).tolist()
         scored += [(i, float(r), images[i - rows.start] if i < grid_size else None)
-                   for i, r in zip(range(rows.start, rows.stop), reward_fn(x, prompts, chunk).tolist())]
+                   for i, r in zip(range(rows.start, rows.stop), rewards)]
     if dist is not None:
         scored = dist.gather_objects(scored)
     scored.sort(key=lambda t: t[0])

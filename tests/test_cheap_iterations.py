@@ -10,7 +10,7 @@ from flowgrpo.config import TrainConfig
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.shapes.model import TransformerSpec, build_pipeline
-from flowgrpo.strategies import STRATEGIES, G2RPO, Strategy
+from flowgrpo.strategies import G2RPO, Strategy
 from tests.helpers import flow_trainer, make_plan
 
 PROMPTS = load_split("train")[:3]  # Shapes entries (GenEval metadata for the verifier reward)
