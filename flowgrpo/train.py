@@ -78,6 +78,7 @@ class Evaluation:
                 write = write_reward_report
         if dist.is_main:
             write(result, self.out / "eval" / name, **({"name": name} if write is write_report else {}))
+            self.trainer.task.report(self.out)
         self.trainer.state.history["eval"].append({"iteration": self.trainer.state.iteration, **result.summary()})
         return result
 

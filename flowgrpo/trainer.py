@@ -72,6 +72,9 @@ class Task(Protocol):
     def advantages(self, rollout: Any, rewards: Tensor, plan: Plan, trainer: "Trainer") -> AdvantageResult: ...
     def update_batch(self, rollout: Any, adv: AdvantageResult) -> UpdateBatch: ...
     def metrics(self, rollout: Any, rewards: Tensor, plan: Plan) -> dict[str, float]: ...  # over all processes
+    def end_iteration(self) -> None: ...  # after the update
+    def state_dict(self) -> dict: ...  # what the task carries across iterations (JSON)
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class Trainer:
@@ -138,6 +141,7 @@ class Trainer:
             stats = {"skipped": 1.0}
         if self.ema is not None:
             self.ema.update(self.task.policy.trainable_module())
+        self.task.end_iteration()
         t3 = time.perf_counter()
         # every process must agree on the clock (time budgets, schedules): the slowest one's
         seconds = float(self.dist.all_reduce(torch.tensor([t3 - t0], dtype=torch.float64, device=self.dist.device),
@@ -229,6 +233,7 @@ class Trainer:
         from flowgrpo.checkpoint import write_checkpoint_dir
 
         where = None
+        self.state.strategy = self.task.state_dict()
         if self.dist.is_main:
             files = training_files(self.task.policy.trainable_state_dict(), self.optimizer.state_dict(), self.state,
                                    kind=self.task.kind, config=self.config_json,
@@ -248,6 +253,7 @@ class Trainer:
                              f"this run {'keeps' if self.ema is not None else 'keeps no'} one")
         if self.ema is not None:  # the average is updated once per iteration from the start
             self.ema.load(loaded.ema, updates=loaded.state.iteration, where=str(path))
+        self.task.load_state_dict(loaded.state.strategy)
         self.state = loaded.state
 
     def resume(self) -> Path | None:

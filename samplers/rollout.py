@@ -2,13 +2,14 @@
 
 - Flow-GRPO: SDE at every step (``sde_mask`` all True, or all but a deterministic last step).
 - DanceGRPO: SDE sampling, but train on a random subset of steps (``dance_train_steps``).
-- MixGRPO: SDE only inside a sliding window of steps, ODE elsewhere (``mixgrpo_window``).
+- MixGRPO: SDE only inside a sliding window of steps, ODE elsewhere (``mixgrpo_window``); MixGRPO-Flash
+  integrates the steps after the window with DPM-Solver++(2M) on a compressed schedule (``compressed_tail``).
 - G²RPO singular stochastic sampling: each group shares its initial noise and ODE path up to one
-  branch step, where every member takes its own SDE step, then all continue by ODE
-  (``singular_branch_mask``, a per-row ``sde_mask``). Reward differences inside a group then come
-  from that one step's noise alone, and training needs one step per sample instead of all of them.
-  Multi-granularity: each branch is also finished on coarser ODE schedules (``coarse_tail``) and the
-  advantages of every granularity are summed, so credit does not hinge on one solver's discretisation.
+  branch step, where every member takes its own SDE step, then all continue by ODE (a per-row ``sde_mask``, or
+  per group in ``flowgrpo.samplers.branched``). Reward differences inside a group then come from that one step's
+  noise alone, and training needs one step per sample instead of all of them. Multi-granularity: each branch is
+  also finished on coarser ODE schedules (``coarse_tail``) and the advantages of every granularity are summed, so
+  credit does not hinge on one solver's discretisation.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import torch
 from torch import Tensor
 
 from flowgrpo.samplers.noise import KeyedNoise
-from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob, ode_step, sde_step
+from flowgrpo.samplers.steps import SDE_STEPS, dpm2_step, gaussian_log_prob, ode_step, sde_step
 
 __all__ = [
-    "Trajectory", "coarse_tail", "dance_train_steps", "group_noise", "mixgrpo_window", "sample_trajectory",
-    "singular_branch_mask",
+    "Trajectory", "coarse_tail", "compressed_tail", "dance_train_steps", "group_noise", "mixgrpo_window",
+    "sample_trajectory",
 ]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -50,7 +51,7 @@ class Trajectory:
     sde_mask: Tensor
     sigmas: Tensor
     kind: str
-    noise_level: float
+    noise_level: float | Tensor  # one level, or [T] per step
     noise_freqs: int = 0
 
     @property
@@ -79,6 +80,7 @@ def sample_trajectory(
     antithetic: bool = False,
     noise_freqs: int = 0,
     exact_velocity_fn: VelocityFn | None = None,
+    ode_solver: str = "euler",
 ) -> Trajectory:
     """Integrate from ``x_init`` (at ``sigmas[0]``) to ``sigmas[-1] = 0``, stochastic where ``sde_mask``.
 
@@ -89,7 +91,8 @@ def sample_trajectory(
         sigmas: schedule ``[T + 1]``, strictly decreasing to 0.
         sde_mask: bool ``[T]``, or ``[B, T]`` for a per-row choice; True steps take ``sde_step(kind, ...)``,
             False steps the Euler ODE step.
-        kind, noise_level: the SDE step (see ``SDE_STEPS``).
+        kind, noise_level: the SDE step (see ``SDE_STEPS``); ``noise_level`` is one value, or one per step ``[T]``
+            (a timestep-specific stochasticity, as DenseGRPO calibrates it).
         generator: the randomness as one stream over the batch; or
         noise: per-row keyed noise (``KeyedNoise``), so a row's draws do not depend on the batch it is sampled in.
             Give one of the two when a step is stochastic; rows draw only at their own SDE steps.
@@ -102,6 +105,9 @@ def sample_trajectory(
             (the layout); the step is the ODE step in every other direction (see ``steps``).
         exact_velocity_fn: the velocity at stochastic steps (default ``velocity_fn``): those are the steps whose
             log-probs training recomputes, so a policy evaluates them exactly as its update does.
+        ode_solver: ``euler``, or ``dpm2``: the deterministic steps after the last stochastic one take
+            DPM-Solver++(2M) steps (``dpm2_step``, with the x0 predictions of the steps before as history), as
+            MixGRPO-Flash integrates the rest of its schedule.
 
     Raises ValueError if a requested SDE step is deterministic (std 0: noise level 0, or CPS's step to
     sigma 0); leave such steps out of ``sde_mask``.
@@ -125,21 +131,26 @@ def sample_trajectory(
     if antithetic and batch % 2:
         raise ValueError(f"antithetic noise pairs rows 2j and 2j+1: the batch must be even, got {batch}")
 
+    if ode_solver not in ("euler", "dpm2"):
+        raise ValueError(f"ode_solver must be 'euler' or 'dpm2', got {ode_solver!r}")
+    levels = step_levels(noise_level, num_steps)
     sigmas_cpu = sigmas.detach().cpu()
     sigma_max = float(sigmas_cpu[1])
     # The std of every kind depends on the sigmas only, so degenerate SDE steps are caught before sampling.
     probe = torch.zeros(())
     for i in (i for i, s in enumerate(stochastic) if s):
-        _, std = SDE_STEPS[kind](probe, probe, sigmas_cpu[i], sigmas_cpu[i + 1], noise_level, sigma_max=sigma_max)
+        _, std = SDE_STEPS[kind](probe, probe, sigmas_cpu[i], sigmas_cpu[i + 1], levels[i], sigma_max=sigma_max)
         if not bool(std > 0):
             raise ValueError(
                 f"step {i} (sigma {float(sigmas_cpu[i]):.4g} -> {float(sigmas_cpu[i + 1]):.4g}) is deterministic "
-                f"for kind {kind!r} at noise_level {noise_level}; remove it from sde_mask"
+                f"for kind {kind!r} at noise_level {levels[i]}; remove it from sde_mask"
             )
+    last_sde = max((i for i, s in enumerate(stochastic) if s), default=-1)
 
     sigmas_dev = sigmas.to(x_init.device)
     x = x_init
     latents, log_probs = [x_init], []
+    prev_x0 = prev_sigma = None  # the multistep solver's history
     for i, is_sde in enumerate(stochastic):
         sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
         v = (exact_velocity_fn or velocity_fn)(x, sigma.expand(batch)) if is_sde else velocity_fn(x, sigma.expand(batch))
@@ -148,7 +159,7 @@ def sample_trajectory(
             if noise is not None:
                 shape = (x.shape[1], noise_freqs, noise_freqs) if noise_freqs else x.shape[1:]
                 eps = noise(i, shape, rows_sde[:, i], device=x.device)
-            x_sde, mean, std = sde_step(kind, x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max,
+            x_sde, mean, std = sde_step(kind, x, v, sigma, sigma_next, levels[i], sigma_max=sigma_max,
                                         generator=None if eps is not None else generator, noise=eps,
                                         antithetic=antithetic and eps is None, noise_freqs=noise_freqs)
             log_prob = gaussian_log_prob(x_sde, mean, std, noise_freqs)
@@ -160,9 +171,14 @@ def sample_trajectory(
                 x_next = torch.where(here.view(-1, *([1] * (x.ndim - 1))), x_sde, x_ode)
                 log_prob = torch.where(here, log_prob, 0.0)
             log_probs.append(log_prob)
+        elif ode_solver == "dpm2" and i > last_sde:
+            x_next = dpm2_step(x, v, sigma, sigma_next, prev_x0, prev_sigma)
+            log_probs.append(x_next.new_zeros(batch))
         else:
             x_next = ode_step(x, v, sigma, sigma_next)
             log_probs.append(x_next.new_zeros(batch))
+        if ode_solver == "dpm2":
+            prev_x0, prev_sigma = x.float() - sigma * v.float(), sigma
         latents.append(x_next)
         x = x_next
 
@@ -173,9 +189,18 @@ def sample_trajectory(
         sde_mask=sde_mask.clone(),
         sigmas=sigmas.clone(),
         kind=kind,
-        noise_level=float(noise_level),
+        noise_level=noise_level.detach().cpu().float() if torch.is_tensor(noise_level) else float(noise_level),
         noise_freqs=noise_freqs,
     )
+
+
+def step_levels(noise_level: float | Tensor, num_steps: int) -> list[float]:
+    """The noise level of each step: one value for all, or ``[T]`` per step."""
+    if not torch.is_tensor(noise_level):
+        return [float(noise_level)] * num_steps
+    if noise_level.shape != (num_steps,):
+        raise ValueError(f"noise_level must be a number or [{num_steps}] per step, got shape {tuple(noise_level.shape)}")
+    return [float(v) for v in noise_level]
 
 
 def _check_positive_int(name: str, value: int, minimum: int = 1) -> None:
@@ -193,11 +218,12 @@ def dance_train_steps(num_steps: int, k: int, generator: torch.Generator) -> Ten
 
 
 def mixgrpo_window(
-    step: int, num_steps: int, window: int, shift_every: int, *, start: int = 0, end: int | None = None
+    step: int, num_steps: int, window: int, shift_every: int, *, start: int = 0, end: int | None = None,
+    stride: int = 1,
 ) -> Tensor:
     """MixGRPO sliding window: bool ``[num_steps]``, True (SDE) on ``[s, s + window)``, ODE elsewhere.
 
-    The window begins at ``start`` and moves one step later every ``shift_every`` training iterations
+    The window begins at ``start`` and moves ``stride`` steps later every ``shift_every`` training iterations
     (``step`` counts them from 0); once it would pass ``end`` (exclusive, default ``num_steps``) it wraps
     back to ``start`` (MixGRPO's roll-back). The window always fits whole inside ``[start, end)``.
     """
@@ -205,31 +231,17 @@ def mixgrpo_window(
     _check_positive_int("num_steps", num_steps)
     _check_positive_int("window", window)
     _check_positive_int("shift_every", shift_every)
+    _check_positive_int("stride", stride)
     _check_positive_int("start", start, minimum=0)
     end = num_steps if end is None else end
     _check_positive_int("end", end)
     if end > num_steps or start + window > end:
         raise ValueError(f"need start + window <= end <= num_steps, got {start} + {window}, {end}, {num_steps}")
-    positions = end - window - start + 1
-    first = start + (step // shift_every) % positions
+    positions = (end - window - start) // stride + 1
+    first = start + (step // shift_every) % positions * stride
     mask = torch.zeros(num_steps, dtype=torch.bool)
     mask[first : first + window] = True
     return mask
-
-
-def singular_branch_mask(group_ids: Tensor, window: int, num_steps: int, generator: torch.Generator) -> Tensor:
-    """G²RPO singular stochastic sampling: per-row ``sde_mask`` ``[B, num_steps]`` with one True step per row,
-    the same for every member of a group, drawn uniformly from the first ``window`` steps for each group.
-    """
-    _check_positive_int("num_steps", num_steps)
-    _check_positive_int("window", window)
-    if window > num_steps:
-        raise ValueError(f"window={window} exceeds num_steps={num_steps}")
-    if not isinstance(group_ids, Tensor) or group_ids.ndim != 1 or group_ids.dtype.is_floating_point:
-        raise ValueError("group_ids must be a 1-D integer tensor [B]")
-    groups, inverse = torch.unique(group_ids, return_inverse=True)
-    branch = torch.randint(window, (len(groups),), generator=generator)[inverse]
-    return torch.nn.functional.one_hot(branch, num_steps).to(torch.bool)
 
 
 def coarse_tail(sigmas: Tensor, branch_step: int, granularity: int) -> Tensor:
@@ -246,6 +258,22 @@ def coarse_tail(sigmas: Tensor, branch_step: int, granularity: int) -> Tensor:
     tail = sigmas[branch_step + 1 :]
     keep = torch.cat([tail[:1], tail[1::granularity], tail[-1:]])
     return torch.unique_consecutive(keep)
+
+
+def compressed_tail(sigmas: Tensor, end: int, fraction: float) -> Tensor:
+    """MixGRPO-Flash's schedule: ``sigmas`` up to step ``end`` (the end of the SDE window), then the rest of the way
+    to 0 on ``max(int(fraction x remaining steps), 1)`` of its own points, evenly spaced by index (so the model's
+    time shift is kept). ``fraction`` = 1 returns ``sigmas``."""
+    _check_sigmas(sigmas)
+    num_steps = sigmas.numel() - 1
+    if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end < num_steps:
+        raise ValueError(f"end must be an int in [0, {num_steps}), got {end!r}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    remaining = num_steps - end
+    steps = max(int(remaining * fraction), 1)
+    picks = torch.linspace(0, remaining, steps + 1).round().long().unique()
+    return torch.cat([sigmas[:end], sigmas[end:][picks]])
 
 
 def group_noise(

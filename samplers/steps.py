@@ -30,6 +30,7 @@ __all__ = [
     "band_project",
     "cps_mean_std",
     "dance_grpo_mean_std",
+    "dpm2_step",
     "flow_grpo_mean_std",
     "gaussian_log_prob",
     "ode_step",
@@ -72,6 +73,23 @@ def ode_step(x: Tensor, v: Tensor, sigma, sigma_next) -> Tensor:
     """Euler step of the probability-flow ODE: ``x + v * (sigma_next - sigma)``."""
     x, v, s, s_next = _prepare(x, v, sigma, sigma_next)
     return x + (s_next - s) * v
+
+
+def dpm2_step(x: Tensor, v: Tensor, sigma, sigma_next, prev_x0: Tensor | None, prev_sigma) -> Tensor:
+    """DPM-Solver++(2M) step of the flow ODE (MixGRPO-Flash's solver after the SDE window), in data prediction:
+    x0 = x - sigma v, alpha = 1 - sigma, lambda = log(alpha / sigma), h = lambda_next - lambda;
+    x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) (x0 + (x0 - x0_prev) / (2 r)), r = h_prev / h.
+    The first-order part is exactly the Euler step; without a previous x0 (``prev_x0`` None) or at the final step
+    (sigma_next = 0, where diffusers' solver also drops to first order) it is the Euler step."""
+    if prev_x0 is None or float(sigma_next) == 0:
+        return ode_step(x, v, sigma, sigma_next)
+    x, v, s, s_next = _prepare(x, v, sigma, sigma_next)
+    x0 = x - s * v
+    lam = lambda t: torch.log((1 - t) / t)  # noqa: E731
+    s_prev = torch.as_tensor(prev_sigma, dtype=x.dtype, device=x.device)
+    h, h_prev = lam(s_next) - lam(s), lam(s) - lam(s_prev)
+    d1 = (x0 - prev_x0.to(x.dtype)) * (h / h_prev)
+    return s_next / s * x - (1 - s_next) * torch.expm1(-h) * (x0 + 0.5 * d1)
 
 
 def _drift_mean(x: Tensor, v: Tensor, s: Tensor, dt: Tensor, sigma_t: Tensor) -> Tensor:

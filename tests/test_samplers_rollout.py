@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from flowgrpo.samplers.rollout import (
-    Trajectory, coarse_tail, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory, singular_branch_mask,
+    Trajectory, coarse_tail, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory,
 )
 from flowgrpo.samplers.schedules import flow_sigmas
 from flowgrpo.samplers.steps import SDE_STEPS, ode_step, sde_log_prob
@@ -177,6 +177,9 @@ def test_mixgrpo_window_slides_and_wraps():
     # start=1, end=5: the window stays inside steps 1..4 -> starts 1, 2, 3 then back to 1.
     assert [_on(mixgrpo_window(k, 6, 2, 1, start=1, end=5)) for k in range(4)] == [[1, 2], [2, 3], [3, 4], [1, 2]]
     assert mixgrpo_window(7, 4, 4, 2).all()
+    # stride 2 in the first 6 of 10 steps: windows at 0, 2, 4, then back to 0 (MixGRPO's roll-back)
+    assert [_on(mixgrpo_window(k, 10, 2, 5, end=6, stride=2)) for k in (0, 4, 5, 10, 14, 15)] == \
+        [[0, 1], [0, 1], [2, 3], [4, 5], [4, 5], [0, 1]]
 
 
 @pytest.mark.parametrize(
@@ -200,20 +203,6 @@ def test_group_noise():
     assert torch.equal(indep[0], shared[0])  # first draw is the same stream
     with pytest.raises(ValueError, match="group_size"):
         group_noise(3, 0, (2,), generator=torch.Generator())
-
-
-def test_singular_branch_mask_one_step_per_row_shared_by_the_group():
-    gids = torch.arange(50).repeat_interleave(4)
-    mask = singular_branch_mask(gids, 3, N_STEPS, torch.Generator().manual_seed(0))
-    assert mask.shape == (200, N_STEPS) and mask.dtype == torch.bool
-    assert torch.equal(mask.sum(dim=1), torch.ones(200, dtype=torch.long))
-    branch = mask.float().argmax(dim=1).view(50, 4)
-    assert (branch == branch[:, :1]).all() and branch.max() <= 2
-    assert set(branch[:, 0].tolist()) == {0, 1, 2}  # 50 groups: every step of the window is drawn
-    again = singular_branch_mask(gids, 3, N_STEPS, torch.Generator().manual_seed(0))
-    assert torch.equal(mask, again)
-    with pytest.raises(ValueError, match="exceeds num_steps"):
-        singular_branch_mask(gids, N_STEPS + 1, N_STEPS, torch.Generator())
 
 
 def test_coarse_tail_hand_computed():

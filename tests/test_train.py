@@ -91,7 +91,7 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antit
     g = torch.Generator().manual_seed(4)
     plan = make_plan([{"prompt": p} for p in PROMPTS], 4, iteration=4)
     strategy = STRATEGIES["g2rpo"](cfg)
-    mask = strategy.sde_mask(plan)
+    mask = strategy.sde_mask(plan, cfg.num_steps)
     assert mask.shape == (8, 4) and (mask.sum(dim=1) == 1).all() and not mask[:, 3].any()
     assert all(torch.equal(mask[4 * k], mask[4 * k + j]) for k in range(2) for j in range(4))  # one branch per group
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
@@ -122,7 +122,7 @@ def _g2rpo_rollout(policy, cfg, seed):
     plan = make_plan([{"prompt": p} for p in PROMPTS], 4, iteration=seed)
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
     return policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, plan.group_ids, x,
-                          sigmas=policy.sigmas(cfg.num_steps), sde_mask=STRATEGIES["g2rpo"](cfg).sde_mask(plan),
+                          sigmas=policy.sigmas(cfg.num_steps), sde_mask=STRATEGIES["g2rpo"](cfg).sde_mask(plan, cfg.num_steps),
                           guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g)
 
 

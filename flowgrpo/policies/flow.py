@@ -29,7 +29,7 @@ from flowgrpo.policies.families import Cond, Family, family_for
 from flowgrpo.samplers.noise import KeyedNoise
 from flowgrpo.samplers.branched import sample_branched
 from flowgrpo.samplers.rollout import coarse_tail, sample_trajectory
-from flowgrpo.samplers.steps import gaussian_log_prob, transition_mean_std
+from flowgrpo.samplers.steps import gaussian_log_prob, ode_step, transition_mean_std
 from flowgrpo.update import Chunk, grid_chunks
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -67,7 +67,7 @@ class Rollout:
     sde_mask: Tensor  # [T] bool, or [B, T] when each row has its own SDE steps (G²RPO branches)
     sigmas: Tensor  # [T + 1]
     kind: str
-    noise_level: float
+    noise_level: float | Tensor  # one level, or [T] per step
     images: Tensor  # [B, 3, H, W] in [0, 1]
     noise_freqs: int = 0  # > 0: the SDE noise lived in the lowest noise_freqs x noise_freqs DCT frequencies
     guidance: float = 1.0  # the CFG scale sampling used (training recomputes with it)
@@ -82,6 +82,14 @@ class Rollout:
     def trained_log_probs(self) -> Tensor:
         """[B, S] the sampled log-probs of the trained steps."""
         return self.log_probs.gather(1, self.train_steps)
+
+    def level(self, step: Tensor) -> float:
+        """The noise level of ``step`` (one step index for the rows evaluated together)."""
+        if not torch.is_tensor(self.noise_level):
+            return self.noise_level
+        if not bool((step == step[0]).all()):
+            raise ValueError("rows with per-step noise levels are evaluated one step at a time")
+        return float(self.noise_level[int(step[0])])
 
 
 def _cat(conds: list[Cond]) -> Cond:
@@ -308,15 +316,15 @@ class FlowPolicy:
     def rollout(self, prompts: list[str], metadata: list[dict], group_ids: Tensor, x_init: Tensor, *,
                 sigmas: Tensor, sde_mask: Tensor, guidance: float, kind: str, noise_level: float,
                 noise: KeyedNoise | None = None, generator: torch.Generator | None = None, antithetic: bool = False,
-                noise_freqs: int = 0) -> Rollout:
+                noise_freqs: int = 0, ode_solver: str = "euler") -> Rollout:
         """Sample trajectories from ``x_init``; SDE noise from per-row ``noise`` (training) or one ``generator``."""
         cond = self.cond(prompts)
         traj = sample_trajectory(self._chunked_velocity(cond, guidance, exact=False), x_init.to(self.device), sigmas,
                                  sde_mask=sde_mask, kind=kind, noise_level=noise_level, generator=generator,
                                  noise=noise, antithetic=antithetic, noise_freqs=noise_freqs,
-                                 exact_velocity_fn=self._chunked_velocity(cond, guidance))
+                                 exact_velocity_fn=self._chunked_velocity(cond, guidance), ode_solver=ode_solver)
         return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
-                       kind, noise_level, self.decode(traj.latents[:, -1]), noise_freqs, guidance)
+                       kind, traj.noise_level, self.decode(traj.latents[:, -1]), noise_freqs, guidance)
 
     @torch.no_grad()
     def rollout_branched(self, prompts: list[str], metadata: list[dict], group_ids: Tensor, x_groups: Tensor,
@@ -355,6 +363,23 @@ class FlowPolicy:
         return images
 
     @torch.no_grad()
+    def complete(self, ro: Rollout, starts: list[int]) -> Tensor:
+        """DenseGRPO's intermediate clean images: every row's latent at each step in ``starts`` finished by ODE (Euler)
+        on the rollout's own schedule, all rows and starts in the same calls, [b, len(starts), 3, H, W]."""
+        b, n, t_total = len(ro), len(starts), ro.sigmas.numel() - 1
+        rows = torch.arange(b).repeat(n)  # pair j * b + i: row i from starts[j]
+        start = torch.tensor(starts).repeat_interleave(b)
+        x = ro.latents[rows, start].clone()
+        velocity = self._chunked_velocity(self.cond(ro.prompts), ro.guidance, exact=False)
+        sigmas = ro.sigmas.to(x.device)
+        for t in range(min(starts), t_total):
+            idx = torch.nonzero(start <= t).flatten()
+            v = velocity(x[idx], sigmas[t].expand(len(idx)), rows[idx])
+            x[idx] = ode_step(x[idx], v, sigmas[t], sigmas[t + 1]).to(x.dtype)
+        images = self.decode(x)
+        return images.view(n, b, *images.shape[1:]).transpose(0, 1)
+
+    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         return torch.cat([self.family.decode(self.pipe, latents[s : s + self.micro_batch], self.height, self.width)
                           for s in range(0, latents.shape[0], self.micro_batch)])
@@ -381,7 +406,7 @@ class FlowPolicy:
         sigma, sigma_next = ro.sigmas[step].to(x.device), ro.sigmas[step + 1].to(x.device)
         v = self.velocity(x, sigma, self.cond([ro.prompts[i] for i in idx.tolist()]),
                           ro.guidance if guidance is None else guidance, transformer=transformer, grad=grad)
-        mean, std = transition_mean_std(ro.kind, x, v, sigma, sigma_next, ro.noise_level,
+        mean, std = transition_mean_std(ro.kind, x, v, sigma, sigma_next, ro.level(step),
                                         sigma_max=float(ro.sigmas[1]), noise_freqs=ro.noise_freqs)
         return gaussian_log_prob(x_next, mean, std, ro.noise_freqs), mean, std
 
@@ -414,7 +439,7 @@ class FlowPolicy:
         sigma, sigma_next = ro.sigmas[t].to(x.device), ro.sigmas[t + 1].to(x.device)
         cond = self.cond([ro.prompts[int(i)] for i in first])
         v = self.velocity(x, sigma.expand(len(first)), cond, ro.guidance, transformer=transformer, grad=grad)
-        mean, std = transition_mean_std(ro.kind, x, v, sigma, sigma_next, ro.noise_level,
+        mean, std = transition_mean_std(ro.kind, x, v, sigma, sigma_next, ro.level(torch.tensor([t])),
                                         sigma_max=float(ro.sigmas[1]), noise_freqs=ro.noise_freqs)
         slot = torch.searchsorted(groups.to(x.device), ro.member_group[chunk.rows].to(x.device))
         logp = gaussian_log_prob(ro.latents[chunk.rows, t + 1], mean[slot], std, ro.noise_freqs)

@@ -1,0 +1,187 @@
+"""DenseGRPO's dense rewards and noise calibration, MixGRPO's sliding window and its second-order solver."""
+import json
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from flowgrpo.assets import SHAPES_MODEL
+from flowgrpo.config import ConfigError, TrainConfig
+from flowgrpo.policies.families import dpm_flow_sigmas
+from flowgrpo.policies.flow import FlowPolicy
+from flowgrpo.prompts.shapes import load_split
+from flowgrpo.rewards import build_reward
+from flowgrpo.rewards.shapes import to_uint8
+from flowgrpo.samplers.rollout import compressed_tail, sample_trajectory
+from flowgrpo.samplers.steps import dpm2_step
+from flowgrpo.shapes.model import TransformerSpec, build_pipeline
+from flowgrpo.strategies.dense import calibrate_noise, dense_rewards
+from tests.helpers import flow_trainer, make_plan
+
+PROMPTS = load_split("train")[:3]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-shapes")
+    build_pipeline(TransformerSpec(num_layers=1, attention_head_dim=8, num_attention_heads=2), seed=0).save_pretrained(path)
+    return path
+
+
+def _cfg(model, tmp_path, **kw):
+    base = dict(model=str(model), out=str(tmp_path), log_with="", prompts_per_iter=3, group_size=4, micro_batch=4,
+                num_steps=6, sde_steps=3, judge="", reward="shapes", beta=0.0)
+    return TrainConfig(**(base | kw))
+
+
+# ---- DenseGRPO ----------------------------------------------------------------------------------------------------
+def test_completions_of_an_ode_trajectory_are_its_final_images(tiny_model):
+    """With no noise (every step ODE) each R_t's completion ODE(x_t -> 0) on the rollout's own schedule is the
+    rollout itself, so every R_t equals the final reward (float64: the same maths in other calls)."""
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4, dtype=torch.float64)
+    prompts = [e["prompt"] for e in PROMPTS for _ in range(2)]
+    x = torch.randn(6, *policy.latent_shape(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ro = policy.rollout(prompts, [e for e in PROMPTS for _ in range(2)], torch.arange(3).repeat_interleave(2), x,
+                        sigmas=policy.sigmas(5), sde_mask=torch.zeros(5, dtype=torch.bool), guidance=4.5,
+                        kind="flow_grpo", noise_level=0.0)
+    completed = policy.complete(ro, [0, 1, 2, 3, 4])
+    assert completed.shape == (6, 5, *ro.images.shape[1:])
+    for j in range(5):
+        assert torch.allclose(completed[:, j], ro.images, atol=1e-10, rtol=0)
+    reward = build_reward("shapes")
+    final = reward(ro.images, prompts, ro.metadata)
+    for j in range(5):
+        assert torch.equal(reward(completed[:, j], prompts, ro.metadata), final)
+
+
+def test_dense_rewards_telescope_to_the_final_reward_minus_the_ode_from_the_initial_noise(tmp_path):
+    """A dense_grpo rollout of the shipped model (SDE on steps 0-2 of 6): the per-step gains sum to
+    R_final - R(ODE from x_0), and R(ODE from x_0) is the reward of the plain ODE sample from the same initial noise."""
+    trainer = flow_trainer(_cfg(SHAPES_MODEL, tmp_path, strategy="dense_grpo", reward="shapes",
+                                reward_options={"form_weight": 0.5}))
+    task, plan = trainer.task, trainer.plan(PROMPTS)
+    ro = task.rollout(plan)
+    steps = ro.train_steps[0].tolist()
+    assert steps == [0, 1, 2]
+    images = task.policy.complete(ro, [0, 1, 2])
+    values = {t: task.value(type(ro)(**{**ro.__dict__, "images": images[:, t]}), plan) for t in range(3)}
+    values[3] = task.value(ro, plan)
+    dense = dense_rewards(values, steps)
+    assert torch.allclose(dense.sum(dim=1), values[3] - values[0], atol=1e-12)
+    assert dense.abs().sum() > 0  # the SDE steps move the rewards
+    ode = task.policy.generate(ro.prompts, num_steps=6, guidance=4.5, x_init=ro.latents[:, 0])
+    assert torch.allclose(ode, images[:, 0], atol=1e-4)
+    adv = task.advantages(ro, task.score(ro, plan), plan, trainer)
+    assert adv.advantages.shape == (12, 3)  # one advantage per sample and step
+    for j in range(3):  # normalised per step within each group
+        for g in range(3):
+            col = adv.advantages[4 * g : 4 * g + 4, j].double()
+            assert abs(float(col.mean())) < 1e-6 and (float(col.std(correction=0)) in (0.0,) or
+                                                       abs(float(col.std(correction=0)) - 1) < 1e-3)
+
+
+def test_calibration_raises_the_noise_of_balanced_steps_and_lowers_the_others():
+    dense = torch.tensor([[0.2, -0.1, 0.0],
+                          [-0.3, -0.2, 0.1],
+                          [0.1, -0.4, 0.0],
+                          [-0.1, 0.0, -0.2]])  # step 0: 2+ 2- (balanced); step 1: 0+ 3- ; step 2: 1+ 1- (zeros don't count)
+    psi = calibrate_noise([1.0, 1.0, 1.0, 1.0], dense, [0, 1, 2], balance=2, step=0.01)
+    assert psi == pytest.approx([1.01, 0.99, 1.01, 1.0])  # step 3 is not an SDE step: untouched
+    assert calibrate_noise([0.01, 1.0], dense[:, :2], [0, 1], balance=1, step=0.01)[1] == pytest.approx(0.99)
+    assert calibrate_noise([0.01], dense[:, 1:2], [0], balance=2, step=0.01) == [0.01]  # never below one step
+
+
+def test_dense_noise_scale_is_calibrated_then_frozen_resumed_logged_and_plotted(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, tmp_path / "run", strategy="dense_grpo", calibrate_iterations=2, save_every=1,
+               eval_prompts="shapes:test")
+    trainer = flow_trainer(cfg)
+    for it in range(3):
+        trainer.step(PROMPTS)
+    psi = trainer.task.strategy.psi
+    hist = [[h[f"psi/step{t}"] for t in range(3)] for h in trainer.state.history["train"]]
+    assert hist[1] == hist[2] == psi[:3] and hist[0] != hist[1]  # moved by calibration rounds 1 and 2 only
+    assert [abs(round((p - 1) / 0.01)) for p in psi[:3]] == [2, 2, 2] or any(abs(p - 1) < 1e-9 for p in psi[:3])
+    assert psi[3:] == [1.0] * 3  # only SDE steps are calibrated
+    trainer.save()
+    again = flow_trainer(cfg)
+    again.resume()
+    assert again.task.strategy.psi == psi
+    trainer.task.report(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "noise_scale.json").read_text())["psi"] == psi
+    assert (tmp_path / "run" / "noise_scale.png").is_file()
+    with pytest.raises(ConfigError, match="dense_grpo normalises one reward per step"):
+        TrainConfig(strategy="dense_grpo", advantage="spo", judge="")
+
+
+# ---- MixGRPO ------------------------------------------------------------------------------------------------------
+def test_mixgrpo_window_slides_trains_its_steps_and_resumes_at_the_same_position(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, tmp_path / "run", strategy="mixgrpo", sde_steps=2, window_shift_every=2,
+               window_stride=1, window_end=4, save_every=1)
+    trainer = flow_trainer(cfg)
+    starts = []
+    for _ in range(4):
+        plan = trainer.plan(PROMPTS)
+        ro = trainer.task.rollout(plan)
+        starts.append(int(ro.train_steps[0, 0]))
+        assert ro.sde_mask.tolist() == [starts[-1] <= t < starts[-1] + 2 for t in range(6)]
+        trainer.step(PROMPTS)
+    # every 2 iterations one step later, within the first 4 steps, then back to 0: 0, 0, 1, 1, 2, 2, 0, 0
+    assert starts == [0, 0, 1, 1] and [h["window_start"] for h in trainer.state.history["train"]] == [0, 0, 1, 1]
+    trainer.save()
+    again = flow_trainer(cfg)
+    again.resume()
+    later = []
+    for _ in range(4):
+        later.append(again.step(PROMPTS)["window_start"])
+    assert later == [2.0, 2.0, 0.0, 0.0]
+
+
+def test_mixgrpo_flash_schedule_and_solver_keep_the_ratio_and_compress_after_the_window(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, tmp_path, strategy="mixgrpo", num_steps=10, sde_steps=2, ode_solver="dpm2",
+               ode_compress=0.4)
+    trainer = flow_trainer(cfg)
+    plan = make_plan(PROMPTS, 4)
+    ro = trainer.task.rollout(plan)
+    full = trainer.task.policy.sigmas(10)
+    assert torch.equal(ro.sigmas, compressed_tail(full, 2, 0.4))  # 8 steps after the window on 3
+    assert len(ro.sigmas) == 2 + 3 + 1
+    m = trainer.step(PROMPTS)
+    assert abs(m["ratio_min"] - 1) < 1e-5 and abs(m["ratio_max"] - 1) < 1e-5
+
+
+def test_compressed_tail_hand_computed():
+    s = torch.linspace(1, 0, 11)  # 1, 0.9, ..., 0
+    assert compressed_tail(s, 4, 0.4).tolist() == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.3, 0.0])
+    assert torch.equal(compressed_tail(s, 4, 1.0), s)
+    assert compressed_tail(s, 9, 0.1).tolist() == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    with pytest.raises(ValueError, match="fraction must be in"):
+        compressed_tail(s, 4, 0.0)
+
+
+def test_dpm2_steps_equal_diffusers_dpm_solver_plus_plus_2m():
+    """Our DPM-Solver++(2M) flow step against diffusers' DPMSolverMultistepScheduler (flow sigmas, dpmsolver++,
+    midpoint, order 2, first order at the last step) on a linear velocity field, step by step."""
+    sched = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction",
+                                        solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+                                        lower_order_final=True)
+    sched.set_timesteps(8)
+    sigmas = dpm_flow_sigmas(dict(sched.config), 8)
+    assert torch.equal(sched.sigmas, sigmas)
+    a = 0.3 * torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+
+    def velocity(x, sigma):
+        return x @ a + 0.5 * torch.as_tensor(sigma).reshape(-1, 1)
+
+    x_theirs = x_ours = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    prev = None
+    for i in range(8):
+        x_theirs = sched.step(velocity(x_theirs, float(sigmas[i])), sched.timesteps[i], x_theirs).prev_sample
+        v = velocity(x_ours, float(sigmas[i]))
+        x_next = dpm2_step(x_ours, v, sigmas[i], sigmas[i + 1], *(prev or (None, None)))
+        prev = (x_ours - sigmas[i] * v, sigmas[i])
+        x_ours = x_next
+        assert torch.allclose(x_ours, x_theirs, atol=1e-5), i
+    # in a trajectory: the steps after the last SDE step take it, with the x0 predictions before as history
+    traj = sample_trajectory(velocity, torch.randn(2, 4, generator=torch.Generator().manual_seed(1)), sigmas,
+                             sde_mask=torch.zeros(8, dtype=torch.bool), ode_solver="dpm2")
+    assert torch.allclose(traj.latents[:, -1], x_theirs, atol=1e-5)
