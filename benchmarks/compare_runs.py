@@ -5,7 +5,7 @@ at every evaluation, and the training reward, as a markdown table and curves.
         --out benchmarks/results/pref_vs_pointwise
 
 Reward hacking shows as the training reward (or win rate) rising while held-out accuracy falls, or as
-image diversity within a prompt collapsing. Reads each run's `checkpoint/state.json`; writes
+image diversity within a prompt collapsing. Reads each run's newest checkpoint (`checkpoints/iter-*/state.json`); writes
 `{out}.md`, `{out}_accuracy.png` and `{out}_reward.png`.
 """
 from __future__ import annotations
@@ -16,12 +16,14 @@ from pathlib import Path
 
 from llm_common import moving_average, plot_curves
 
+from flowgrpo.checkpoint import CheckpointDir
+
 
 def load_history(run: Path) -> dict:
-    state = run / "checkpoint" / "state.json"
-    if not state.is_file():
-        raise SystemExit(f"{run}: no checkpoint/state.json (is it a flowgrpo train output directory?)")
-    return json.loads(state.read_text())["history"]
+    newest = CheckpointDir(run / "checkpoints").newest()
+    if newest is None:
+        raise SystemExit(f"{run}: no complete checkpoint in {run / 'checkpoints'} (is it a flowgrpo train output directory?)")
+    return json.loads((newest / "state.json").read_text())["history"]
 
 
 def eval_rows(name: str, history: dict, train_window: int) -> list[str]:

@@ -1,0 +1,196 @@
+"""The race of the rollout strategies on the Shapes world at equal compute, every final model re-evaluated on fresh
+noise. Resumable: rerun the same command and finished parts are kept.
+
+    HF_HUB_OFFLINE=1 python benchmarks/race.py --seeds 0 1 2 --minutes 25 --timing-threads 1 --parallel 2 \
+        --out benchmarks/results/race
+
+1. Timing on ``--timing-threads`` threads: each strategy's seconds per iteration (median of 3 after a warm-up).
+2. Training: `flowgrpo train --preset shapes` with each strategy for the iterations its seconds per iteration allow
+   in ``--minutes`` (a budget in work, so runs sharing the machine, ``--parallel`` at a time on one thread each,
+   train exactly what a run alone would), evaluating at a third, two thirds and the end. On one thread the preset's
+   iteration takes about 1.65 times as long as on 2 threads, so 25 single-thread minutes are about 15 minutes alone
+   on the 2 cores.
+3. Re-evaluation of every final model and the base model on the Shapes test split with fresh noise (``--n`` images
+   per entry: 1200 at 4), then per strategy the mean and standard error over seeds, and a plot of held-out accuracy
+   against training minutes.
+
+Strategies share the preset (Pref-GRPO win rates from the verifier, KL, learning rate, 10 sampling steps) and differ
+in how they explore and what they train (``STRATEGIES`` below, each with its paper's noise where it differs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STRATEGIES = {
+    "flow_grpo": {"strategy": "flow_grpo", "sde_steps": 0, "noise_level": 0.7},  # Flow-GRPO: a = 0.7, every step
+    "dance_grpo": {"strategy": "dance_grpo", "sde_steps": 0, "sde_kind": "dance", "noise_level": 0.3},  # eta = 0.3
+    "mixgrpo": {"strategy": "mixgrpo", "sde_steps": 2},  # a window of 2 of 10 steps moving through the first 6
+    "g2rpo": {"strategy": "g2rpo"},  # the preset
+    "dense_grpo": {"strategy": "dense_grpo"},  # SDE on the first 3 steps, a calibrated noise scale per step
+}
+
+
+def config_of(name: str, seed: int, out: str):
+    from flowgrpo.config import make_config
+
+    return make_config("shapes", overrides={**STRATEGIES[name], "seed": seed, "out": out, "log_with": ""})
+
+
+def seconds_per_iteration(name: str) -> float:
+    """Median seconds of 3 trainer iterations after a warm-up, in this process."""
+    from flowgrpo.distributed import Dist
+    from flowgrpo.flow_task import FlowTask
+    from flowgrpo.prompts.loaders import load_prompts
+    from flowgrpo.rewards import build_judge, build_reward
+    from flowgrpo.strategies import STRATEGIES as CLASSES
+    from flowgrpo.train import draw_prompts, load_policy
+    from flowgrpo.trainer import Trainer, settings_json
+
+    cfg = config_of(name, 0, tempfile.mkdtemp())
+    task = FlowTask(load_policy(cfg), cfg, build_reward(cfg.reward, **cfg.reward_options),
+                    build_judge(cfg.judge, **cfg.judge_options), CLASSES[cfg.strategy](cfg))
+    trainer = Trainer(task, cfg, Dist.create(), config_json=settings_json(cfg))
+    entries = load_prompts(cfg.prompts)
+    times = [trainer.step(draw_prompts(entries, cfg, i))["seconds_per_iter"] for i in range(4)]
+    return statistics.median(times[1:])
+
+
+def train_command(name: str, seed: int, iterations: int, out: Path) -> list[str]:
+    extra = dict(STRATEGIES[name])
+    if name == "mixgrpo":  # the window visits each of its 5 positions once over the run
+        extra["window_shift_every"] = max(1, iterations // 5)
+    args = [sys.executable, "-m", "flowgrpo.cli", "train", "--preset", "shapes", "--seed", str(seed),
+            "--iterations", str(iterations), "--max-minutes", "0", "--eval-every", str(math.ceil(iterations / 3)),
+            "--out", str(out), "--log-with", ""]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
+    """Run the commands ``parallel`` at a time, one thread each; a finished one (summary.json) is skipped."""
+    env = dict(os.environ, OMP_NUM_THREADS="1" if parallel > 1 else "2", HF_HUB_OFFLINE="1")
+    pending = [(cmd, out) for cmd, out in jobs if not (out / "summary.json").is_file()]
+    running: list[tuple[subprocess.Popen, Path, float]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            cmd, out = pending.pop(0)
+            out.mkdir(parents=True, exist_ok=True)
+            log = open(out / "train.log", "a")
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), out, time.time()))
+        time.sleep(5)
+        for proc, out, t0 in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, out, t0))
+                status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
+                print(f"{out.name}: {status} in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def reevaluate(models: dict[str, Path], out: Path, n: int, seed: int) -> dict:
+    """GenEval summaries of each model on fresh noise (``seed``), one process; cached in ``out``."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    from flowgrpo.eval.geneval import evaluate
+    from flowgrpo.prompts.loaders import load_prompts
+    from flowgrpo.sample import load_policy_for_sampling
+
+    entries = load_prompts("shapes:test")
+    results = {name: evaluate(load_policy_for_sampling(str(path), batch=64), entries, images_per_prompt=n,
+                              num_steps=20, guidance=4.5, seed=seed).summary() for name, path in models.items()}
+    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    mean = statistics.mean(values)
+    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan"))
+
+
+def summarise(args, timing: dict, fresh: dict, runs: dict) -> str:
+    from flowgrpo.eval.plots import line_plot
+    from flowgrpo.shapes.world import TAGS
+
+    lines = ["| strategy | s / iteration | iterations | overall | gain | " + " | ".join(TAGS) +
+             " | spare objects | malformed |", "|---" * (8 + len(TAGS)) + "|"]
+    curves, table = {}, {}
+    for name in STRATEGIES:
+        seeds = [s for s in args.seeds if f"{name}-seed{s}" in fresh]
+        if not seeds:
+            continue
+        res = [fresh[f"{name}-seed{s}"] for s in seeds]
+        base = [fresh[f"base-seed{s}"]["accuracy"]["overall"] for s in seeds]
+        overall = mean_se([100 * r["accuracy"]["overall"] for r in res])
+        gain = mean_se([100 * (r["accuracy"]["overall"] - b) for r, b in zip(res, base)])
+        tags = [mean_se([100 * r["accuracy"][t] for r in res]) for t in TAGS]
+        spares = statistics.mean(statistics.mean(r["spares"].values()) for r in res)
+        malformed = statistics.mean(r["malformed"] for r in res)
+        table[name] = {"overall": overall, "gain": gain, "tags": dict(zip(TAGS, tags)), "spares": spares,
+                       "malformed": malformed, "seconds_per_iteration": timing[name], "seeds": seeds}
+        lines.append(f"| {name} | {timing[name]:.2f} | {runs[name]['iterations']} | {overall[0]:.1f} ± {overall[1]:.1f}"
+                     f" | {gain[0]:+.1f} ± {gain[1]:.1f} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in tags) +
+                     f" | {100 * spares:.1f}% | {100 * malformed:.1f}% |")
+        evals = [json.loads((args.out / f"{name}-seed{s}" / "summary.json").read_text()) for s in seeds]
+        history = [json.loads(max((args.out / f"{name}-seed{s}" / "checkpoints").glob("iter-*/state.json"),
+                                  key=lambda p: p.parent.name).read_text())["history"]["eval"] for s in seeds]
+        its = [e["iteration"] for e in history[0]]
+        acc = [statistics.mean(100 * h[k]["accuracy"]["overall"] for h in history) for k in range(len(its))]
+        curves[name] = ([it * timing[name] / 60 for it in its], acc)
+        table[name]["curve"] = {"minutes": curves[name][0], "overall": acc, "runs": [e["out"] for e in evals]}
+    base_fresh = mean_se([100 * fresh[f"base-seed{s}"]["accuracy"]["overall"] for s in args.seeds])
+    line_plot(curves, args.out / "accuracy_vs_minutes.png",
+              title=f"Shapes test accuracy during training (mean of {len(args.seeds)} seeds; the run's own eval noise)",
+              xlabel="training minutes (of the timing)", ylabel="overall %")
+    (args.out / "race.json").write_text(json.dumps({"timing": timing, "base_fresh": base_fresh, "strategies": table},
+                                                   indent=1))
+    return (f"base (fresh noise): {base_fresh[0]:.1f} ± {base_fresh[1]:.1f}\n\n" + "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--minutes", type=float, default=25.0, help="training budget of each run, in minutes of the timing")
+    ap.add_argument("--timing-threads", type=int, default=1, help="threads of the timing runs")
+    ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each when > 1)")
+    ap.add_argument("--n", type=int, default=4, help="images per test entry in the re-evaluation (300 entries)")
+    ap.add_argument("--eval-seed", type=int, default=4321, help="noise of the re-evaluation (fresh: no run uses it)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    timing_file = args.out / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    import torch
+
+    torch.set_num_threads(args.timing_threads)
+    for name in args.strategies:
+        if name not in timing:
+            timing[name] = seconds_per_iteration(name)
+            timing_file.write_text(json.dumps(timing, indent=1))
+            print(f"{name}: {timing[name]:.2f} s per iteration on {args.timing_threads} thread(s)", flush=True)
+    runs = {name: {"iterations": max(1, round(60 * args.minutes / timing[name]))} for name in args.strategies}
+    run_all([(train_command(name, s, runs[name]["iterations"], args.out / f"{name}-seed{s}"),
+              args.out / f"{name}-seed{s}") for s in args.seeds for name in args.strategies], args.parallel)
+    from flowgrpo.assets import SHAPES_MODEL
+
+    models = {f"base-seed{s}": SHAPES_MODEL for s in args.seeds[:1]}
+    models.update({f"{name}-seed{s}": args.out / f"{name}-seed{s}" / "final" for name in args.strategies
+                   for s in args.seeds})
+    fresh = reevaluate(models, args.out / "fresh_eval.json", args.n, args.eval_seed)
+    for s in args.seeds:  # one base evaluation serves every seed: the fresh noise does not depend on the run
+        fresh[f"base-seed{s}"] = fresh[f"base-seed{args.seeds[0]}"]
+    report = summarise(args, {k: timing[k] for k in args.strategies}, fresh, runs)
+    (args.out / "race.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
