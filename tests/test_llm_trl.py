@@ -69,8 +69,8 @@ class FixedReference:
     def __getattr__(self, name):
         return getattr(self.policy, name)
 
-    def reference_out(self, rollout, rows, cols):
-        return self.ref[rows, cols]
+    def reference_out(self, rollout, chunk):
+        return self.ref[chunk.rows, chunk.cols]
 
 
 def _trl_trainer(path, tok, loss_type, beta):
