@@ -1,7 +1,8 @@
 """Evaluation images: fixed noise per batch, and the batches split over the processes of a run.
 
 Batch j's noise is the j-th draw of one generator seeded with ``seed`` (every process draws them all), and process r
-makes the batches j with j % world_size == r: any number of processes makes the images one process makes.
+makes the batches j with j % world_size == r: any number of processes makes the images one process makes. A sharded
+model's forwards are collectives, so there a process without a batch of its own in a round repeats its last one.
 """
 from __future__ import annotations
 
@@ -31,3 +32,6 @@ def sharded_samples(policy, todo: list[dict], *, images_per_prompt: int, num_ste
         if j % world == rank:
             yield rows, chunk, policy.generate([e["prompt"] for e in chunk], num_steps=num_steps, guidance=guidance,
                                                x_init=x)
+        elif j == len(batches) - 1 and dist is not None and dist.sharded and j % world < rank:
+            # the last round leaves this process without a batch: make one in step with the others, and drop it
+            policy.generate([e["prompt"] for e in chunk], num_steps=num_steps, guidance=guidance, x_init=x)

@@ -114,6 +114,9 @@ class TrainConfig(GRPOSettings):
         if self.train_steps and self.strategy != "dance_grpo":
             raise ConfigError(f"train_steps={self.train_steps} picks DanceGRPO's trained subset: it needs strategy "
                               f"dance_grpo (strategy {self.strategy} trains every SDE step it samples)")
+        if self.sharding == "fsdp" and self.strategy == "g2rpo":
+            raise ConfigError("sharding fsdp needs the same forward passes on every process; g2rpo evaluates each "
+                              "process's groups in calls of their own (use ddp, or another strategy)")
         if self.granularities > 1 and self.strategy != "g2rpo":
             raise ConfigError(f"granularities={self.granularities} finishes G²RPO branches: it needs strategy g2rpo")
         if self.ode_solver not in ("euler", "dpm2"):

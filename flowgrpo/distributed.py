@@ -1,8 +1,10 @@
 """The processes of a run: who we are, and the few collectives the trainer needs.
 
-Built on accelerate, so `accelerate launch` and `torchrun` both work, with DDP (or FSDP from an accelerate config)
-wrapping the trained module. On a machine without CUDA the accelerator is built with ``cpu=True``: that is what
-makes 2 processes under a launcher form one gloo group instead of two independent runs writing one folder.
+Built on accelerate, so `accelerate launch` and `torchrun` both work. The trained module is shared by DDP (each
+process holds it all; gradients are all-reduced) or sharded by FSDP2 (``fully_shard`` on each block and the root:
+parameters, gradients and optimizer state are split over the processes, and every forward gathers a block's
+parameters, so the processes must run their forwards in step). On a machine without CUDA the accelerator is built with
+``cpu=True``: that is what makes 2 processes under a launcher form one gloo group instead of two independent runs.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import contextlib
 import os
 import pickle
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -26,6 +28,7 @@ class Dist:
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
+        self.sharded = False  # FSDP: forwards are collectives, parameters DTensors (set by ``prepare``)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.device = accelerator.device
         self.is_main = accelerator.is_main_process
@@ -48,8 +51,8 @@ class Dist:
             raise LaunchError(f"the launcher asked for {launched} processes (WORLD_SIZE={launched}) but the process "
                               f"group could not be set up: {e}") from e
         if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            raise LaunchError(f"the accelerate config asks for {accelerator.distributed_type.name}; flowgrpo trains with "
-                              "DDP (`accelerate launch --multi_gpu`); sharded training is not supported yet")
+            raise LaunchError(f"the accelerate config asks for {accelerator.distributed_type.name}; flowgrpo shards "
+                              "itself: launch with `accelerate launch --multi_gpu` (or torchrun) and set --sharding fsdp")
         if accelerator.num_processes != launched:
             raise LaunchError(f"the launcher asked for {launched} processes (WORLD_SIZE={launched}) but this process "
                               f"sees {accelerator.num_processes}; run with `torchrun --nproc_per_node N` or "
@@ -90,21 +93,50 @@ class Dist:
             torch_dist.barrier()
 
     # ------------------------------------------------------------------ training
-    def prepare(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        """The module wrapped for data parallelism (DDP / FSDP as accelerate is configured) and its optimizer."""
-        return self.accelerator.prepare(module, optimizer)
+    def prepare(self, module: torch.nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], *,
+                sharding: str = "ddp", units: Sequence[torch.nn.Module] = ()):
+        """The module ready for data parallelism, and its optimizer (made after sharding: FSDP replaces the
+        parameters). ``ddp``: wrapped by DDP through accelerate. ``fsdp``: each of ``units`` (the model's repeated
+        blocks) and then the root sharded in place; the module returned is ``module`` itself."""
+        if sharding == "fsdp" and self.world_size > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            for unit in units:
+                fully_shard(unit)
+            # the root too gives its gathered parameters back after every forward: sampling and evaluation run
+            # forwards with no backward, and the optimizer and checkpoints must always see the sharded parameters
+            fully_shard(module, reshard_after_forward=True)
+            self.sharded = True
+            return module, make_optimizer()
+        return self.accelerator.prepare(module, make_optimizer())
 
     def no_sync(self, module: torch.nn.Module, skip: bool):
         """Accumulate gradients locally (no all-reduce) in this backward when ``skip``; the last backward of an
-        optimizer step runs outside it and reduces everything accumulated."""
-        if skip and self.world_size > 1:
+        optimizer step runs outside it and reduces everything accumulated. (FSDP reduce-scatters every backward:
+        its gradients accumulate sharded.)"""
+        if skip and self.world_size > 1 and not self.sharded:
             return self.accelerator.no_sync(module)
         return contextlib.nullcontext()
 
     def clip_grad_norm(self, parameters, max_norm: float) -> float:
         """Clip the (reduced) gradient to ``max_norm`` (0 = no clipping); returns the norm before clipping."""
-        norm = self.accelerator.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
-        return float(norm)
+        limit = max_norm if max_norm > 0 else float("inf")
+        if self.sharded:  # the norm of the sharded gradients, reduced over the processes
+            return float(full_tensor(torch.nn.utils.clip_grad_norm_(list(parameters), limit)))
+        return float(self.accelerator.clip_grad_norm_(parameters, limit))
+
+    def in_step(self, work: bool) -> bool:
+        """Whether any process still has work (always ``work`` unless sharded: then forwards must stay in step)."""
+        if not self.sharded:
+            return work
+        return bool(self.all_reduce(torch.tensor([int(work)], device=self.device), "max").item())
 
     def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(module)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor of an FSDP-sharded one (a collective: every process calls it); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from flowgrpo.distributed import full_tensor
+
 
 class WeightEMA:
     """shadow <- d * shadow + (1 - d) * weights after every optimizer step, with d = min(decay, (1 + n) / (10 + n))
@@ -31,11 +33,17 @@ class WeightEMA:
 
     def load(self, shadow: dict[str, torch.Tensor], *, updates: int, where: str = "checkpoint") -> None:
         """Restore a saved average (names must match the trainable parameters) and its update count."""
+        from flowgrpo.checkpoint import like
+
         if set(shadow) != set(self.shadow):
             raise ValueError(f"{where}: its weight EMA does not match the run's trainable parameters")
         for n, t in shadow.items():
-            self.shadow[n].copy_(t)
+            self.shadow[n].copy_(like(self.shadow[n], t))
         self.updates = updates
+
+    def full(self) -> dict[str, torch.Tensor]:
+        """The average as whole tensors (a collective when the weights are sharded)."""
+        return {n: full_tensor(t).cpu() for n, t in self.shadow.items()}
 
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module):

@@ -105,6 +105,8 @@ class GRPOSettings:
     max_unscorable: int = opt(3, "stop with an error after this many consecutive iterations in which no sample could "
                                  "be scored (every reward NaN, e.g. a reward server that is down); their updates are "
                                  "skipped")
+    sharding: str = opt("ddp", "several processes: ddp (every process holds the model; gradients are all-reduced) or "
+                               "fsdp (parameters, gradients and optimizer state sharded over the processes, FSDP2)")
     # checkpoints
     save_every: int = opt(50, "checkpoint every n iterations (0 = only at the end)")
     keep: int = opt(2, "complete checkpoints kept (the newest n)")
@@ -128,6 +130,8 @@ class GRPOSettings:
             raise ConfigError(f"advantage_options {sorted(reserved)} are supplied by the trainer, not the config")
         if self.loss_agg not in AGGREGATIONS:
             raise ConfigError(f"unknown loss_agg {self.loss_agg!r}; choose from {sorted(AGGREGATIONS)}")
+        if self.sharding not in ("ddp", "fsdp"):
+            raise ConfigError(f"sharding must be 'ddp' or 'fsdp', got {self.sharding!r}")
         if self.zero_std not in ("keep", "drop"):
             raise ConfigError(f"zero_std must be 'keep' or 'drop', got {self.zero_std!r}")
         if not self.clip_low < 1:

@@ -141,9 +141,10 @@ def train(cfg: TrainConfig) -> dict:
     if trainer.state.history["eval"][-1]["iteration"] != trainer.state.iteration:
         evaluation.report(evaluation.run(f"iter{trainer.state.iteration:05d}"))
     trainer.save()
-    if dist.is_main:
-        with evaluation.weights():
-            policy.save(out / "final")
+    with evaluation.weights():
+        whole = policy.whole_state_dict()  # gathered on every process when the weights are sharded
+        if dist.is_main:
+            policy.save(out / "final", whole)
     dist.accelerator.end_training()
     return finish(trainer, out)
 

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowgrpo.checkpoint import CheckpointDir, TrainState, read_training, training_files
+from flowgrpo.checkpoint import (CheckpointDir, TrainState, load_optimizer_state, optimizer_state, read_training,
+                                 training_files)
 from flowgrpo.core import TRACKED_ESTIMATORS, AdvantageResult, compute_advantages
 from flowgrpo.distributed import Dist
 from flowgrpo.ema import WeightEMA
@@ -86,10 +87,16 @@ class Trainer:
         self.layout = cfg.layout(dist.world_size)
         self.config_json, self.resume_keys = config_json, tuple(resume_keys)
         policy = task.policy
-        optimizer = optimizer or torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr,
-                                                   weight_decay=cfg.weight_decay)
-        self.module, self.optimizer = dist.prepare(policy.trainable_module(), optimizer)
-        policy.bind(self.module)
+        if optimizer is not None and cfg.sharding == "fsdp":
+            raise ValueError("sharding='fsdp' replaces the parameters: let the trainer make the optimizer")
+
+        def make_optimizer() -> torch.optim.Optimizer:
+            return optimizer or torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr,
+                                                  weight_decay=cfg.weight_decay)
+
+        self.module, self.optimizer = dist.prepare(policy.trainable_module(), make_optimizer, sharding=cfg.sharding,
+                                                   units=policy.shard_units())
+        policy.bind(self.module, dist.in_step)
         self.ema = WeightEMA(policy.trainable_module(), ema_decay) if ema_decay else None
         self.state = TrainState()
         self.checkpoints = CheckpointDir(Path(cfg.out) / "checkpoints", cfg.keep)
@@ -234,10 +241,12 @@ class Trainer:
 
         where = None
         self.state.strategy = self.task.state_dict()
+        module = self.task.policy.trainable_module()
+        # gathered on every process (collectives when sharded), written by process 0
+        weights, optim = self.task.policy.trainable_state_dict(), optimizer_state(module, self.optimizer)
+        ema = self.ema.full() if self.ema is not None else None
         if self.dist.is_main:
-            files = training_files(self.task.policy.trainable_state_dict(), self.optimizer.state_dict(), self.state,
-                                   kind=self.task.kind, config=self.config_json,
-                                   ema=self.ema.shadow if self.ema is not None else None)
+            files = training_files(weights, optim, self.state, kind=self.task.kind, config=self.config_json, ema=ema)
             where = (self.checkpoints.save(self.state.iteration, files) if path is None
                      else write_checkpoint_dir(Path(path), files))
         self.dist.barrier()
@@ -247,7 +256,7 @@ class Trainer:
         """Restore weights, optimizer, EMA and training state from a checkpoint directory."""
         loaded = read_training(path, kind=self.task.kind, check_config=lambda saved: self._check_resume(path, saved))
         self.task.policy.load_trainable_state_dict(loaded.weights, where=str(path))
-        self.optimizer.load_state_dict(loaded.optimizer_state)
+        load_optimizer_state(self.task.policy.trainable_module(), self.optimizer, loaded.optimizer_state, str(path))
         if (loaded.ema is None) != (self.ema is None):
             raise ValueError(f"{path}: the checkpoint {'has' if loaded.ema is not None else 'has no'} weight EMA, "
                              f"this run {'keeps' if self.ema is not None else 'keeps no'} one")

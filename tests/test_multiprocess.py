@@ -73,12 +73,41 @@ def test_flow_trainer_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
                                                                        abs=1e-6), key
 
 
+@pytest.mark.slow
+def test_fsdp_sharded_flow_training_equals_one_process_and_exports_whole_weights(tmp_path):
+    """FSDP2 on 2 processes (every transformer block sharded): the same weights and weight average as one process
+    after 2 iterations, a sharded checkpoint resumes on one process, and the export holds the whole (averaged)
+    transformer."""
+    evalf = tmp_path / "eval.jsonl"
+    evalf.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::60]))
+
+    def train(out: str, iterations: int, processes: int) -> None:
+        _run(["-m", "flowgrpo.cli", "train", "--out", out, "--iterations", str(iterations), "--strategy", "flow_grpo",
+              "--prompts-per-iter", "4", "--group-size", "4", "--micro-batch", "4", "--num-steps", "4",
+              "--sde-steps", "2", "--eval-prompts", str(evalf), "--eval-num-steps", "2", "--eval-images-per-prompt",
+              "2", "--eval-every", "100", "--save-every", "1", "--max-minutes", "0", "--lr", "1e-3",
+              "--ema-decay", "0.9", "--sharding", "fsdp", "--log-with", ""], processes, tmp_path)
+
+    train("one", 2, 1)
+    train("two", 2, 2)
+    train("mixed", 1, 2)
+    train("mixed", 2, 1)
+    ck = lambda run: tmp_path / run / "checkpoints" / "iter-000002"  # noqa: E731
+    for f in ("weights.safetensors", "ema.safetensors"):
+        one, two, mixed = (load_file(ck(run) / f) for run in ("one", "two", "mixed"))
+        assert _max_diff(one, two) <= TOLERANCE and _max_diff(two, mixed) <= TOLERANCE
+    exported = load_file(tmp_path / "two" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(ck("two") / "ema.safetensors")
+    assert _max_diff(ema, {k: exported[k] for k in ema}) == 0
+    assert "fsdp" in (tmp_path / "two" / "config.json").read_text()
+
+
 LLM_SCRIPT = textwrap.dedent('''
     import sys
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from flowgrpo.llm import GRPO
 
-    path, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    path, out, steps, sharding = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 
     def distinct(prompts, completions, **_):
         return [len(set(c)) / 8 for c in completions]
@@ -86,13 +115,14 @@ LLM_SCRIPT = textwrap.dedent('''
     data = [{"prompt": p} for p in ["ab", "xyz", "hello", "q", "12+3", "zz", "k", "mn"]]
     trainer = GRPO(AutoModelForCausalLM.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path), distinct,
                    num_generations=4, prompts_per_step=2, micro_batch_size=2, max_new_tokens=8, learning_rate=1e-4,
-                   stop=tuple("aeiou"), advantage="spo", beta=0.05, output_dir=out, save_every=1)
+                   stop=tuple("aeiou"), advantage="spo", beta=0.05, output_dir=out, save_every=1, sharding=sharding)
     trainer.train(data, num_steps=steps, progress=False)
 ''')
 
 
 @pytest.mark.slow
-def test_llm_trainer_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_llm_trainer_on_two_processes_equals_one_and_resumes_on_one(tmp_path, sharding):
     """The completions, rewards and SPO tracker are identical; the weights agree to the tolerance at a learning rate
     of 1e-4: Adam moves an entry by about lr whatever the size of its gradient, so entries whose gradient is near 0
     turn the summation-order rounding of 1 vs 2 processes into differences of order lr (4.8e-4 at lr 1e-2)."""
@@ -100,7 +130,7 @@ def test_llm_trainer_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
     script = tmp_path / "llm_run.py"
     script.write_text(LLM_SCRIPT)
     for out, steps, processes in (("one", 2, 1), ("two", 2, 2), ("mixed", 1, 2), ("mixed", 2, 1)):
-        _run([str(script), str(model), out, str(steps)], processes, tmp_path)
+        _run([str(script), str(model), out, str(steps), sharding], processes, tmp_path)
     ck = lambda run, it: tmp_path / run / "checkpoints" / f"iter-00000{it}"  # noqa: E731
     for it in (1, 2):
         one, two, mixed = (load_file(ck(run, it) / "weights.safetensors") for run in ("one", "two", "mixed"))

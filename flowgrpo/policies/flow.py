@@ -199,9 +199,14 @@ class FlowPolicy:
         self.trainable_parameters()  # full fine-tuning: make sure its parameters require grad before wrapping
         return self.transformer
 
-    def bind(self, module: torch.nn.Module) -> None:
-        """Run every forward through ``module`` (the transformer wrapped by DDP / FSDP)."""
+    def bind(self, module: torch.nn.Module, in_step=None) -> None:
+        """Run training forwards through ``module`` (the transformer wrapped by DDP, or itself when sharded)."""
         self._forward = module
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        """The transformer's blocks, each sharded on its own under FSDP."""
+        tr = self.transformer
+        return [*getattr(tr, "transformer_blocks", []), *getattr(tr, "single_transformer_blocks", [])]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return trainable_state_dict(self.transformer)
@@ -459,17 +464,37 @@ class FlowPolicy:
         return gaussian_mean_kl(mean, ref_mean, std)[:, None]
 
     # ---------------------------------------------------------------- export
-    def save(self, path: str | Path) -> Path:
+    def whole_state_dict(self) -> dict[str, Tensor] | None:
+        """Every transformer weight as a whole tensor when they are sharded (a collective: every process calls it;
+        process 0 receives them), else None: `save` reads the module itself."""
+        from torch.distributed.tensor import DTensor
+
+        if not any(isinstance(p, DTensor) for p in self.transformer.parameters()):
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self, path: str | Path, whole: dict[str, Tensor] | None = None) -> Path:
         """Full fine-tuning: a complete pipeline directory (`from_pretrained` loads it), with the family options
         (e.g. the Shapes model's T5 length) in flowgrpo.json so it samples as this policy does.
-        LoRA: diffusers LoRA weights that `pipe.load_lora_weights(path)` reads."""
+        LoRA: diffusers LoRA weights that `pipe.load_lora_weights(path)` reads. ``whole``: the weights of a sharded
+        transformer (`whole_state_dict`)."""
         path = Path(path)
         if self.uses_lora:
             from peft.utils import get_peft_model_state_dict
 
-            type(self.pipe).save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(self.transformer))
+            layers = get_peft_model_state_dict(self.transformer, state_dict=whole)
+            type(self.pipe).save_lora_weights(path, transformer_lora_layers=layers)
         else:
-            self.pipe.save_pretrained(path, safe_serialization=True)
+            sharded = self.pipe.transformer
+            if whole is not None:  # an unsharded copy to write
+                self.pipe.transformer = type(sharded).from_config(sharded.config).to(self._dtype)
+                self.pipe.transformer.load_state_dict(whole)
+            try:
+                self.pipe.save_pretrained(path, safe_serialization=True)
+            finally:
+                self.pipe.transformer = sharded
             if self.family_options:
                 (path / MODEL_OPTIONS_FILE).write_text(json.dumps({"family_options": self.family_options}))
         return path

@@ -193,6 +193,7 @@ class LLMPolicy:
         self.sampling = sampling
         self.ref_model = ref_model
         self._forward = model  # training forwards: the model, or its data-parallel wrapper (`bind`)
+        self._in_step = None  # sharded models: keep decoding until every process is done (`bind`)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
@@ -299,7 +300,10 @@ class LLMPolicy:
                     end = self._first_stop(text)
                     if end is not None:
                         done[i], texts[i] = True, text[:end]
-            if bool(done.all()):
+            finished = bool(done.all())
+            if self._in_step is not None:  # a sharded model's forwards are collectives: stop together
+                finished = not self._in_step(not finished)
+            if finished:
                 break
             attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], dim=1)
             logits = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
@@ -376,9 +380,16 @@ class LLMPolicy:
     def trainable_module(self) -> torch.nn.Module:
         return self.model
 
-    def bind(self, module: torch.nn.Module) -> None:
-        """Run training forwards through ``module`` (the model wrapped by DDP / FSDP)."""
+    def bind(self, module: torch.nn.Module, in_step=None) -> None:
+        """Run training forwards through ``module`` (the model wrapped by DDP, or itself when sharded); ``in_step``
+        (``Dist.in_step``) keeps sampling in step with the other processes."""
         self._forward = module
+        self._in_step = in_step
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        """The decoder layers (the largest list of blocks), each sharded on its own under FSDP."""
+        lists = [m for m in self.model.modules() if isinstance(m, torch.nn.ModuleList)]
+        return list(max(lists, key=len)) if lists else []
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Copies of the trainable parameters by name (tied weights appear once)."""
