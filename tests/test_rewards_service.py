@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 from flowgrpo.rewards import Reward, build_reward
 from flowgrpo.rewards.http_client import image_to_png_b64, png_b64_to_image
 from flowgrpo.rewards.remote import RemoteReward, RemoteRewardError
-from flowgrpo.rewards.server import BatchingScorer, load_config_arg, make_server
+from flowgrpo.rewards.batching import BatchingScorer
+from flowgrpo.rewards.server import load_config_arg, make_server
 
 
 class Brightness(Reward):
@@ -167,7 +168,8 @@ def test_batching_scorer_merges_concurrent_requests():
     results = {}
 
     def request(k, idx):
-        results[k] = scorer.score([images[i] for i in idx], [f"p{i}" for i in idx], [{} for _ in idx])
+        futures = scorer.submit([images[i] for i in idx], [f"p{i}" for i in idx], [{} for _ in idx])
+        results[k] = [v for f in futures for v in f.result()]
 
     threads = [threading.Thread(target=request, args=(k, idx)) for k, idx in enumerate([[0], [1, 2], [3, 4, 5]])]
     for t in threads:
