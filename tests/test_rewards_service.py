@@ -55,16 +55,13 @@ def quantised(n, h=8, w=8, seed=0):
 @pytest.fixture
 def service():
     reward = Brightness()
-    server = make_server(reward, token="s3cret", max_batch=3, max_bytes=200_000)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server = make_server(reward, token="s3cret", max_batch=3, max_bytes=200_000, read_timeout=1.0).start()
     yield server, reward
     server.close()
-    thread.join(timeout=5)
 
 
 def raw_post(server, body: bytes, headers=None, path="/score"):
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
     conn.request("POST", path, body=body, headers={"Authorization": "Bearer s3cret", **(headers or {})})
     resp = conn.getresponse()
     data = json.loads(resp.read())
@@ -107,7 +104,7 @@ def test_service_groups_images_of_different_sizes(service):
 
 def test_service_health_auth_and_size_errors(service):
     server, _ = service
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
     conn.request("GET", "/health")
     resp = conn.getresponse()
     assert resp.status == 200
@@ -143,7 +140,7 @@ def test_service_rejects_malformed_bodies_with_400(service):
         assert re.search(message, data["error"]), (message, data)
     status, data = raw_post(server, b"{}", path="/predict")
     assert status == 404 and "POST /score" in data["error"]
-    with socket.create_connection(server.server_address[:2], timeout=5) as sock:  # chunked: no Content-Length
+    with socket.create_connection(server.address, timeout=5) as sock:  # chunked: no Content-Length
         sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 411")
 
