@@ -11,8 +11,8 @@ requests arriving together are merged into batches of up to --max-batch images (
 
 It runs on uvicorn, an asyncio HTTP/1.1 server: every rank of a multi-GPU run posts at once, and a connection
 costs a socket, not a thread, so hundreds of clients (and slow or idle ones) wait in the event loop while
-the reward runs; the listen backlog (--backlog) holds bursts of new connections. The standard library's
-threaded server it replaces kept a backlog of 5 and reset connections under such bursts.
+the reward runs, and the listen backlog (--backlog) holds bursts of new connections. A thread-per-connection
+server such as the standard library's (listen backlog 5) resets connections under such bursts.
 """
 from __future__ import annotations
 
@@ -148,6 +148,8 @@ def make_server(reward: RewardFn, host: str = "127.0.0.1", port: int = 0, *, tok
                 max_batch: int = 32, max_bytes: int = 64 * 2**20, batch_wait_s: float = 0.005,
                 read_timeout: float = 30.0, backlog: int = 2048) -> RewardServer:
     """A bound, not yet serving server: ``start()`` it on a thread (``close()`` when done) or ``serve_forever()``."""
+    if max_bytes < 1 or read_timeout <= 0:
+        raise ValueError(f"need max_bytes >= 1 and read_timeout > 0, got {max_bytes} and {read_timeout}")
     app = RewardApp(BatchingScorer(reward, max_batch, batch_wait_s), reward.name, token=token, max_bytes=max_bytes,
                     read_timeout=read_timeout)
     try:

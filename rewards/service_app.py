@@ -81,8 +81,6 @@ class RewardApp:
 
     def __init__(self, scorer: BatchingScorer, name: str, *, token: str | None, max_bytes: int,
                  read_timeout: float, decode_threads: int = 2) -> None:
-        if max_bytes < 1 or read_timeout <= 0:
-            raise ValueError(f"need max_bytes >= 1 and read_timeout > 0, got {max_bytes}, {read_timeout}")
         self.scorer, self.name, self.max_bytes, self.read_timeout = scorer, name, max_bytes, read_timeout
         self._expected_auth = f"Bearer {token}".encode() if token is not None else None
         self._decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="reward-decode")
