@@ -6,8 +6,9 @@
 
 Errors are JSON {"error": "..."} and close the connection: 400 malformed HTTP or body, 401 missing/wrong
 bearer token, 404 unknown path, 405 wrong method, 408 headers or body not received within --read-timeout,
-411 no Content-Length, 413 body over --max-bytes, 500 the reward raised. One worker thread runs the reward;
-requests arriving together are merged into batches of up to --max-batch images (larger requests are split).
+411 no Content-Length, 413 body over --max-bytes or images over --max-pixels, 500 the reward raised.
+One worker thread runs the reward; requests arriving together are merged into batches of up to --max-batch
+images (larger requests are split).
 
 It runs on uvicorn, an asyncio HTTP/1.1 server: every rank of a multi-GPU run posts at once, and a connection
 costs a socket, not a thread, so hundreds of clients (and slow or idle ones) wait in the event loop while
@@ -145,13 +146,14 @@ class RewardServer:
 
 
 def make_server(reward: RewardFn, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
-                max_batch: int = 32, max_bytes: int = 64 * 2**20, batch_wait_s: float = 0.005,
+                max_batch: int = 32, max_bytes: int = 64 * 2**20, max_pixels: int = 2**26, batch_wait_s: float = 0.005,
                 read_timeout: float = 30.0, backlog: int = 2048) -> RewardServer:
     """A bound, not yet serving server: ``start()`` it on a thread (``close()`` when done) or ``serve_forever()``."""
-    if max_bytes < 1 or read_timeout <= 0:
-        raise ValueError(f"need max_bytes >= 1 and read_timeout > 0, got {max_bytes} and {read_timeout}")
+    if max_bytes < 1 or max_pixels < 1 or read_timeout <= 0:
+        raise ValueError(f"need max_bytes >= 1, max_pixels >= 1 and read_timeout > 0, got {max_bytes}, {max_pixels} "
+                         f"and {read_timeout}")
     app = RewardApp(BatchingScorer(reward, max_batch, batch_wait_s), reward.name, token=token, max_bytes=max_bytes,
-                    read_timeout=read_timeout)
+                    max_pixels=max_pixels, read_timeout=read_timeout)
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family, backlog=backlog)
@@ -194,6 +196,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="most images per reward call (default 32)")
     p.add_argument("--max-bytes", type=int, default=64 * 2**20,
                    help="largest request body in bytes; larger ones get 413 (default 64 MiB)")
+    p.add_argument("--max-pixels", type=int, default=2**26,
+                   help="most decoded pixels per request, all images together; more get 413 (default 2**26: "
+                        "64 images of 1024x1024)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long the reward worker waits for more requests to merge into a batch (default 5)")
     p.add_argument("--read-timeout", type=float, default=30.0,
@@ -210,8 +215,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         reward = build_reward(args.name, **load_config_arg(args.config))
         server = make_server(reward, args.host, args.port, token=resolve_secret(args.token), max_batch=args.max_batch,
-                             max_bytes=args.max_bytes, batch_wait_s=args.batch_wait_ms / 1000,
-                             read_timeout=args.read_timeout, backlog=args.backlog)
+                             max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                             batch_wait_s=args.batch_wait_ms / 1000, read_timeout=args.read_timeout,
+                             backlog=args.backlog)
     except (KeyError, TypeError, ValueError, OSError) as exc:  # bad name, options, paths, config or port
         print(f"flowgrpo serve-reward: error: {exc}", file=sys.stderr)
         return 2

@@ -6,9 +6,9 @@
 
 Every error is JSON ``{"error": "..."}`` and closes the connection: 400 malformed body, 401 missing or wrong
 bearer token, 404 unknown path, 405 wrong method, 408 body not received within the read timeout, 411 no
-Content-Length, 413 body over ``max_bytes``, 500 the reward raised. A refused body is read and thrown away
-first (up to ``_DRAIN_LIMIT``, within the read timeout), so a client that sends before it reads sees the answer
-instead of a reset connection. Decoding runs on a small thread pool and scoring on the ``BatchingScorer``'s
+Content-Length, 413 body over ``max_bytes`` or images over ``max_pixels``, 500 the reward raised. A refused
+body is read and thrown away first (up to ``_DRAIN_LIMIT``, within the read timeout), so a client that sends
+before it reads sees the answer instead of a reset connection. Decoding runs on a small thread pool and scoring on the ``BatchingScorer``'s
 one worker, so the event loop only moves bytes.
 """
 from __future__ import annotations
@@ -45,8 +45,13 @@ class HttpError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-def parse_request(body: Any) -> tuple[list[torch.Tensor], list[str], list[dict]]:
-    """Validate a /score body; ValueError with a message fit for a 400 answer."""
+class TooManyPixels(Exception):
+    """The request's images decode to more pixels than the server accepts (a 413, not a malformed request)."""
+
+
+def parse_request(body: Any, max_pixels: int) -> tuple[list[torch.Tensor], list[str], list[dict]]:
+    """Validate a /score body; ValueError with a message fit for a 400 answer, TooManyPixels once the decoded images
+    pass ``max_pixels`` in all (PNG compresses flat images a thousandfold: bytes alone do not bound memory)."""
     if not isinstance(body, dict):
         raise ValueError(f"body must be a JSON object with keys {sorted(_REQUEST_KEYS)}")
     unknown = sorted(set(body) - _REQUEST_KEYS)
@@ -63,25 +68,26 @@ def parse_request(body: Any) -> tuple[list[torch.Tensor], list[str], list[dict]]
         metadata = [{} for _ in images]
     if not isinstance(metadata, list) or len(metadata) != len(images) or not all(isinstance(m, dict) for m in metadata):
         raise ValueError(f"'metadata' must be a list of {len(images)} objects (or left out)")
-    decoded = []
+    decoded, pixels = [], 0
     for i, data in enumerate(images):
         try:
             decoded.append(png_b64_to_image(data))
         except ValueError as exc:
             raise ValueError(f"images[{i}]: {exc}") from None
+        pixels += decoded[-1].shape[1] * decoded[-1].shape[2]
+        if pixels > max_pixels:
+            raise TooManyPixels(f"images[:{i + 1}] decode to {pixels} pixels, over the limit of {max_pixels} per "
+                                f"request (send fewer or smaller images per request)")
     return decoded, prompts, metadata
-
-
-def _decode(body: bytes) -> tuple[list[torch.Tensor], list[str], list[dict]]:
-    return parse_request(json.loads(body))  # JSONDecodeError is a ValueError too
 
 
 class RewardApp:
     """ASGI app: routes, bearer token, size and time limits, then the scorer."""
 
-    def __init__(self, scorer: BatchingScorer, name: str, *, token: str | None, max_bytes: int,
+    def __init__(self, scorer: BatchingScorer, name: str, *, token: str | None, max_bytes: int, max_pixels: int,
                  read_timeout: float, decode_threads: int = 2) -> None:
         self.scorer, self.name, self.max_bytes, self.read_timeout = scorer, name, max_bytes, read_timeout
+        self.max_pixels = max_pixels
         self._expected_auth = f"Bearer {token}".encode() if token is not None else None
         self._decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="reward-decode")
 
@@ -110,7 +116,8 @@ class RewardApp:
             await self._refuse(scope, receive, 405, f"{method} {path} is not served; use GET /health or POST /score",
                                {"allow": _ROUTES[path]})
         if path == "/health":
-            return {"status": "ok", "reward": self.name, "max_batch": self.scorer.max_batch, "max_bytes": self.max_bytes}
+            return {"status": "ok", "reward": self.name, "max_batch": self.scorer.max_batch,
+                    "max_bytes": self.max_bytes}
         return await self._score(scope, receive)
 
     async def _score(self, scope: dict, receive: Receive) -> dict:
@@ -129,15 +136,21 @@ class RewardApp:
         if body is None:
             raise HttpError(408, f"request body not received within {self.read_timeout:g} s")
         try:
-            images, prompts, metadata = await asyncio.get_running_loop().run_in_executor(self._decoder, _decode, body)
+            images, prompts, metadata = await asyncio.get_running_loop().run_in_executor(self._decoder, self._decode,
+                                                                                         body)
         except (ValueError, RecursionError) as exc:  # JSON nested deeper than the parser's recursion limit
             raise HttpError(400, f"malformed request: {exc}") from None
+        except TooManyPixels as exc:
+            raise HttpError(413, str(exc)) from None
         try:
             chunks = await asyncio.gather(*map(asyncio.wrap_future, self.scorer.submit(images, prompts, metadata)))
         except Exception as exc:
             logger.exception("reward %s failed", self.name)
             raise HttpError(500, f"reward failed: {type(exc).__name__}: {exc}") from None
         return {"rewards": [v if math.isfinite(v) else None for chunk in chunks for v in chunk]}
+
+    def _decode(self, body: bytes) -> tuple[list[torch.Tensor], list[str], list[dict]]:
+        return parse_request(json.loads(body), self.max_pixels)  # JSONDecodeError is a ValueError too
 
     async def _refuse(self, scope: dict, receive: Receive, status: int, message: str,
                       headers: dict[str, str] | None = None) -> None:

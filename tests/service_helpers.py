@@ -63,11 +63,15 @@ class RawConnection:
         body, self.buffer = self.buffer[:length], self.buffer[length:]
         return int(status_line.split()[1]), headers, json.loads(body)
 
-    def closed_by_server(self) -> bool:
+    def closed_by_server(self, wait_s: float = 1.0) -> bool:
+        """Whether the server hangs up within ``wait_s`` (sending nothing more)."""
+        self.sock.settimeout(wait_s)
         try:
             return self.sock.recv(1) == b""
         except ConnectionResetError:
             return True
+        except TimeoutError:
+            return False
 
     def close(self) -> None:
         self.sock.close()

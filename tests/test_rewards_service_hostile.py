@@ -14,11 +14,12 @@ from tests.service_helpers import Brightness, RawConnection, post_bytes, quantis
 
 READ_TIMEOUT = 0.5
 MAX_BYTES = 50_000
+MAX_PIXELS = 10_000
 
 
 @pytest.fixture
 def server():
-    server = make_server(Brightness(), token="s3cret", max_batch=4, max_bytes=MAX_BYTES,
+    server = make_server(Brightness(), token="s3cret", max_batch=4, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS,
                          read_timeout=READ_TIMEOUT).start()
     yield server
     server.close()
@@ -99,6 +100,19 @@ def test_oversized_bodies_are_413_even_with_a_lying_content_length(server):
     assert status == 413 and answer["error"] == f"body of {10 * MAX_BYTES} bytes {limit}" and closed
     assert READ_TIMEOUT * 0.9 < seconds < READ_TIMEOUT + 1.0
     assert_scores_correctly(server)
+
+
+def test_images_decoding_to_too_many_pixels_are_413(server):
+    flat = image_to_png_b64(torch.full((3, 64, 64), 0.5))  # 4096 pixels in about 100 bytes of PNG
+    body = json.dumps({"images": [flat] * 3, "prompts": ["p"] * 3}).encode()
+    assert len(body) < 1000
+    status, _, answer, _, closed = exchange(server, post_bytes(body))
+    assert status == 413 and closed
+    assert answer["error"] == ("images[:3] decode to 12288 pixels, over the limit of 10000 per request (send fewer or "
+                               "smaller images per request)")
+    body = json.dumps({"images": [flat] * 2, "prompts": ["p"] * 2}).encode()
+    status, _, answer, _, _ = exchange(server, post_bytes(body))
+    assert status == 200 and answer["rewards"] == pytest.approx([128 / 255] * 2)
 
 
 def test_content_length_shorter_than_the_body_frames_the_request(server):
