@@ -100,6 +100,12 @@ def run_clients(url: str, payloads: list[list[dict]], timeout: float) -> tuple[l
     return records, time.perf_counter() - start
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "unknown")
@@ -137,7 +143,10 @@ def main() -> None:
     proc, url = (None, args.url) if args.url else start_server(args.max_batch)
     try:
         post_json(url + "/score", payloads[0][0], timeout=args.timeout, retries=5)  # warm-up, once the server answers
+        pids = {"clients": os.getpid(), **({"server": proc.pid} if proc else {})}
+        cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
         records, wall = run_clients(url, payloads, args.timeout)
+        cores_busy = {k: (cpu_seconds(pid) - cpu_before[k]) / wall for k, pid in pids.items()}
     finally:
         if proc is not None:
             proc.terminate()
@@ -155,6 +164,7 @@ def main() -> None:
         "failure_reasons": dict(Counter(r["reason"] for r in records if not r["ok"])),
         "wall_seconds": wall, "service_images_per_s": len(ok) * args.images / wall,
         "in_process_images_per_s": {"before": reward_ips, "after": reward_ips_after},
+        "cores_busy_during_load": cores_busy,  # CPU seconds per wall second of this process and the server's
         "latency_s": {"p50": statistics.median(latencies), "p95": latencies[int(0.95 * (len(latencies) - 1))],
                       "max": latencies[-1]},
         "machine": {**info, "load_average_at_end": os.getloadavg()},
