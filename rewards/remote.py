@@ -27,7 +27,7 @@ _HINTS = {
     403: "the server refused the token",
     404: "is 'url' the service base (http://host:port, without /score)?",
     408: "the request reached the server slower than its --read-timeout: lower 'batch_size' or raise --read-timeout",
-    413: "the request is larger than the server's --max-bytes: lower 'batch_size' or raise --max-bytes",
+    413: "the request is larger than the server's --max-bytes or --max-pixels: lower 'batch_size' or raise the limit",
 }
 
 
