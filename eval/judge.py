@@ -170,7 +170,7 @@ def png_data_url(image: Image.Image) -> str:
 class ChatJudge:
     """UniGenBench judging through an OpenAI-compatible `/chat/completions` endpoint (vLLM, SGLang, APIs).
 
-    Transport errors (connection, timeout, HTTP 5xx/408/429, unreadable body) and answers that do not parse
+    Transport errors (connection, timeout, HTTP 5xx/429, unreadable body) and answers that do not parse
     or have the wrong number of scores are retried up to `max_attempts` times with exponential backoff
     (`flowgrpo.rewards.http_client.post_json`, shared with the reward clients); then the result is a failure
     with the reason, never a guessed score. Other HTTP 4xx answers raise JudgeConfigError at once.

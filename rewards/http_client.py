@@ -1,7 +1,7 @@
 """HTTP plumbing shared by the remote reward, the VLM judges and the reward server.
 
 Images travel as base64 PNG (8-bit, so values are quantised to k/255); bodies are JSON, never pickle.
-``post_json`` retries transient failures (connection errors, timeouts, 5xx/408/429, malformed JSON) with
+``post_json`` retries transient failures (refused or reset connections, timeouts, 5xx/429, malformed JSON) with
 exponential backoff and raises ``RequestFailed`` once the budget is spent; other 4xx answers are
 configuration errors and raise ``HttpStatusError`` at once.
 """
@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import random
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +26,6 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 # A 4096x4096 RGB image; larger decoded PNGs are refused before their pixels are allocated.
 MAX_PIXELS = 4096 * 4096
 
@@ -98,7 +98,7 @@ def _post_once(url: str, body: bytes, headers: dict[str, str], timeout: float) -
             payload = resp.read()
     except urllib.error.HTTPError as exc:
         text = exc.read().decode("utf-8", "replace")
-        if exc.code in RETRYABLE_STATUS:
+        if exc.code >= 500 or exc.code == 429:  # overloaded or failing server; any other 4xx is our mistake
             raise _Transient(f"HTTP {exc.code}: {text[:200]}") from None
         raise HttpStatusError(url, exc.code, text) from None
     except (OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, truncated answer
@@ -123,7 +123,8 @@ def post_json(
 ) -> Any:
     """POST ``payload`` as JSON; return the decoded (and ``validate``-d) answer.
 
-    Up to ``1 + retries`` attempts, sleeping ``backoff * 2**k`` (capped at ``max_backoff``) between them.
+    Up to ``1 + retries`` attempts, sleeping ``backoff * 2**k`` (capped at ``max_backoff``) between them, less a
+    random part of up to half, so clients that failed together (every rank of a run) do not retry together.
     ``validate(answer)`` may raise ValueError to mark an answer malformed (retried like a transient error).
     """
     if retries < 0 or timeout <= 0:
@@ -136,7 +137,7 @@ def post_json(
         if attempt:
             if on_retry is not None:
                 on_retry(reason)
-            time.sleep(min(backoff * 2 ** (attempt - 1), max_backoff))
+            time.sleep(min(backoff * 2 ** (attempt - 1), max_backoff) * random.uniform(0.5, 1.0))
         try:
             answer = _post_once(url, body, headers or {}, timeout)
             return validate(answer) if validate is not None else answer

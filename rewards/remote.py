@@ -1,10 +1,11 @@
 """Client for a reward service (``flowgrpo serve-reward``): JSON over HTTP, never pickle.
 
 ``POST {url}/score`` with ``{"images": [base64 PNG], "prompts": [...], "metadata": [...]}`` answers
-``{"rewards": [float | null, ...]}``. The batch is sent in chunks of ``batch_size``. A chunk that still fails
-after the retries (timeouts, refused or dropped connections, 5xx, malformed answers) scores NaN, is counted
-in ``stats`` and logged, and training goes on. Answers that retrying cannot fix (401/403 bad token,
-413 too large, 400 bad request, 404 wrong URL) raise ``RemoteRewardError`` with the server's message.
+``{"rewards": [float | null, ...]}``. The batch is sent in chunks of ``batch_size``. Timeouts, refused or
+reset connections, 5xx/429 and malformed answers are retried with exponential backoff; a chunk that still
+fails scores NaN, is counted in ``stats`` and logged, and training goes on. Answers that retrying cannot fix
+(401/403 bad token, 413 too large, 408 too slow, 400 bad request, 404 wrong URL) raise ``RemoteRewardError``
+with the server's message.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ _HINTS = {
     401: "the server wants a bearer token: set the reward's 'token' (e.g. token='env:REWARD_TOKEN')",
     403: "the server refused the token",
     404: "is 'url' the service base (http://host:port, without /score)?",
-    413: "the request is larger than the server's --max-bytes: lower 'batch_size' or raise --max-bytes",
+    408: "the request reached the server slower than its --read-timeout: lower 'batch_size' or raise --read-timeout",
+    413: "the request is larger than the server's --max-bytes or --max-pixels: lower 'batch_size' or raise the limit",
 }
 
 

@@ -4,253 +4,163 @@
                   -> 200 {"rewards": [float | null, ...]}    (null = the reward could not score that sample)
     GET  /health  -> 200 {"status": "ok", "reward": NAME, "max_batch": N, "max_bytes": M}
 
-Errors are JSON ``{"error": "..."}``: 400 malformed body, 401 missing/wrong bearer token, 404 unknown path,
-411 no Content-Length, 413 body over --max-bytes, 500 the reward raised. One worker thread runs the reward;
-requests arriving together are merged into batches of up to --max-batch images (larger requests are split).
+Errors are JSON {"error": "..."} and close the connection: 400 malformed HTTP or body, 401 missing/wrong
+bearer token, 404 unknown path, 405 wrong method, 408 headers or body not received within --read-timeout,
+411 no Content-Length, 413 body over --max-bytes or images over --max-pixels, 500 the reward raised.
+One worker thread runs the reward; requests arriving together are merged into batches of up to --max-batch
+images (larger requests are split).
+
+It runs on uvicorn, an asyncio HTTP/1.1 server: every rank of a multi-GPU run posts at once, and a connection
+costs a socket, not a thread, so hundreds of clients (and slow or idle ones) wait in the event loop while
+the reward runs, and the listen backlog (--backlog) holds bursts of new connections. A thread-per-connection
+server such as the standard library's (listen backlog 5) resets connections under such bursts.
 """
 from __future__ import annotations
 
 import argparse
-import hmac
+import asyncio
+import functools
 import json
 import logging
-import math
-import queue
+import socket
 import sys
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-import torch
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from flowgrpo.rewards.base import RewardFn, build_reward
-from flowgrpo.rewards.http_client import png_b64_to_image, resolve_secret
+from flowgrpo.rewards.batching import BatchingScorer
+from flowgrpo.rewards.http_client import resolve_secret
+from flowgrpo.rewards.service_app import RewardApp
 
 logger = logging.getLogger(__name__)
 
-_REQUEST_KEYS = {"images", "prompts", "metadata"}
-# Bodies we refuse are still read (up to this much) and thrown away, so the client gets to see our answer.
-_DRAIN_LIMIT = 256 * 2**20
+# h11's (and uvicorn's) limit on a request line plus headers; more is a 400.
+_MAX_HEADER_BYTES = 16 * 1024
 
 
-@dataclass
-class _Job:
-    images: list[torch.Tensor]
-    prompts: list[str]
-    metadata: list[dict]
-    future: Future = field(default_factory=Future)
+def _raw_answer(status: int, message: str) -> bytes:
+    """A complete JSON error response that closes the connection, for answers sent outside a request cycle."""
+    body = json.dumps({"error": message}).encode()
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode() + body
 
 
-class BatchingScorer:
-    """Runs the reward on one worker thread, merging queued jobs into batches of at most ``max_batch`` images."""
+class HeaderDeadlineH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on request headers and JSON for unparseable requests.
 
-    def __init__(self, reward: RewardFn, max_batch: int = 32, wait_s: float = 0.005) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.reward, self.max_batch, self.wait_s = reward, max_batch, wait_s
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._carry: _Job | None = None
-        self._worker = threading.Thread(target=self._run, name="reward-worker", daemon=True)
-        self._worker.start()
+    uvicorn waits for a request's headers as long as the client likes: one that connects and sends nothing, or
+    sends its headers a byte at a time, holds its connection forever. Here the headers must be complete within
+    ``header_timeout`` seconds of the connection (or of the request's first byte, on a kept-alive connection),
+    else the client gets a 408 and is disconnected. uvicorn answers unparseable HTTP in plain text; here the
+    answer is JSON like every other error.
+    """
 
-    def score(self, images: list[torch.Tensor], prompts: list[str], metadata: list[dict]) -> list[float]:
-        """Rewards for one request (split into jobs of at most ``max_batch``), in order."""
-        jobs = [_Job(images[s:s + self.max_batch], prompts[s:s + self.max_batch], metadata[s:s + self.max_batch])
-                for s in range(0, len(images), self.max_batch)]
-        for job in jobs:
-            self._queue.put(job)
-        return [v for job in jobs for v in job.future.result()]
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self._deadline: asyncio.TimerHandle | None = None
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._worker.join(timeout=10)
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
 
-    def _next_batch(self) -> list[_Job] | None:
-        first = self._carry if self._carry is not None else self._queue.get()
-        self._carry = None
-        if first is None:
-            return None
-        batch, total = [first], len(first.images)
-        deadline = time.monotonic() + self.wait_s
-        while total < self.max_batch:
-            try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if job is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            if total + len(job.images) > self.max_batch:
-                self._carry = job  # starts the next batch
-                break
-            batch.append(job)
-            total += len(job.images)
-        return batch
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # headers complete (or the request failed): no deadline
+            self._cancel_deadline()
+        elif self._deadline is None and not self.transport.is_closing():  # first bytes of a kept-alive request
+            self._deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
 
-    def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                results = self._score([img for j in batch for img in j.images], [p for j in batch for p in j.prompts],
-                                      [m for j in batch for m in j.metadata])
-            except Exception as exc:
-                if len(batch) == 1:
-                    batch[0].future.set_exception(exc)
-                    continue
-                # Score each request on its own so one bad request does not fail the others merged with it.
-                for job in batch:
-                    try:
-                        job.future.set_result(self._score(job.images, job.prompts, job.metadata))
-                    except Exception as job_exc:
-                        job.future.set_exception(job_exc)
-                continue
-            start = 0
-            for job in batch:
-                job.future.set_result(results[start:start + len(job.images)])
-                start += len(job.images)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
 
-    def _score(self, images: list[torch.Tensor], prompts: list[str], metadata: list[dict]) -> list[float]:
-        out = [math.nan] * len(images)
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            by_size.setdefault(tuple(img.shape[1:]), []).append(i)
-        for idx in by_size.values():  # the reward contract needs one [B,3,H,W] tensor per call
-            values = self.reward(torch.stack([images[i] for i in idx]), [prompts[i] for i in idx],
-                                 [metadata[i] for i in idx])
-            for i, v in zip(idx, values.tolist()):
-                out[i] = v
-        return out
+    def send_400_response(self, msg: str) -> None:
+        self._cancel_deadline()
+        self.transport.write(_raw_answer(400, f"malformed HTTP request: the request line and headers must be "
+                                              f"HTTP/1.1, at most {_MAX_HEADER_BYTES} bytes, with a numeric "
+                                              f"Content-Length"))
+        self.transport.close()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.write(_raw_answer(408, f"request headers not received within {self.header_timeout:g} s"))
+            self.transport.close()
 
 
-def parse_request(body: Any) -> tuple[list[torch.Tensor], list[str], list[dict]]:
-    """Validate a /score body; ValueError with a message fit for a 400 answer."""
-    if not isinstance(body, dict):
-        raise ValueError(f"body must be a JSON object with keys {sorted(_REQUEST_KEYS)}")
-    unknown = sorted(set(body) - _REQUEST_KEYS)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown}; allowed: {sorted(_REQUEST_KEYS)}")
-    images, prompts, metadata = body.get("images"), body.get("prompts"), body.get("metadata")
-    if not isinstance(images, list) or not images:
-        raise ValueError("'images' must be a non-empty list of base64 PNG strings")
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("'prompts' must be a list of strings")
-    if len(prompts) != len(images):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    if metadata is None:
-        metadata = [{} for _ in images]
-    if not isinstance(metadata, list) or len(metadata) != len(images) or not all(isinstance(m, dict) for m in metadata):
-        raise ValueError(f"'metadata' must be a list of {len(images)} objects (or left out)")
-    decoded = []
-    for i, data in enumerate(images):
-        try:
-            decoded.append(png_b64_to_image(data))
-        except ValueError as exc:
-            raise ValueError(f"images[{i}]: {exc}") from None
-    return decoded, prompts, metadata
+class RewardServer:
+    """A uvicorn server for one ``RewardApp`` on a socket bound (and listening) before it starts serving."""
 
-
-class RewardServer(ThreadingHTTPServer):
-    """Threaded HTTP server holding the scorer and the request limits."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], scorer: BatchingScorer, name: str, token: str | None,
-                 max_bytes: int) -> None:
-        super().__init__(address, _Handler)
-        self.scorer, self.reward_name, self.token, self.max_bytes = scorer, name, token, max_bytes
+    def __init__(self, app: RewardApp, sock: socket.socket, read_timeout: float, backlog: int) -> None:
+        self.app, self._socket = app, sock
+        self.address: tuple[str, int] = sock.getsockname()[:2]
+        config = uvicorn.Config(
+            app, http=functools.partial(HeaderDeadlineH11, header_timeout=read_timeout), interface="asgi3",
+            lifespan="off", ws="none", access_log=False, log_config=None, log_level="warning",
+            proxy_headers=False, server_header=False, backlog=backlog, timeout_keep_alive=5,
+            timeout_graceful_shutdown=5, h11_max_incomplete_event_size=_MAX_HEADER_BYTES)
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until SIGINT/SIGTERM (main thread) or ``close()`` from another thread."""
+        self._server.run(sockets=[self._socket])
+
+    def start(self, timeout: float = 10.0) -> RewardServer:
+        """Serve on a background thread; returns once the server accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, name="reward-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"reward server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
 
     def close(self) -> None:
-        """Stop serving (call from another thread than ``serve_forever``) and stop the worker."""
-        self.shutdown()
-        self.server_close()
-        self.scorer.close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: RewardServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s " + format, self.address_string(), *args)
-
-    def _send(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _refuse(self, status: int, message: str, length: int, headers: dict[str, str] | None = None) -> None:
-        # Drain (without keeping) the unread body so the client reads our answer instead of a reset socket.
-        remaining = min(length, _DRAIN_LIMIT)
-        while remaining > 0 and (chunk := self.rfile.read(min(remaining, 1 << 16))):
-            remaining -= len(chunk)
-        self.close_connection = True
-        self._send(status, {"error": message}, {"Connection": "close", **(headers or {})})
-
-    def do_GET(self) -> None:
-        if self.path != "/health":
-            self._send(404, {"error": f"unknown path {self.path}; use GET /health or POST /score"})
-            return
-        self._send(200, {"status": "ok", "reward": self.server.reward_name,
-                         "max_batch": self.server.scorer.max_batch, "max_bytes": self.server.max_bytes})
-
-    def do_POST(self) -> None:
-        raw_length = self.headers.get("Content-Length")
-        try:
-            length = int(raw_length) if raw_length is not None else -1
-        except ValueError:
-            length = -2
-        if length < 0:
-            self.close_connection = True
-            status = 411 if length == -1 else 400
-            self._send(status, {"error": "a Content-Length header (a byte count) is required"}, {"Connection": "close"})
-            return
-        if self.path != "/score":
-            self._refuse(404, f"unknown path {self.path}; use POST /score", length)
-            return
-        token = self.server.token
-        if token is not None:
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                self._refuse(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')", length,
-                             {"WWW-Authenticate": "Bearer"})
-                return
-        if length > self.server.max_bytes:
-            self._refuse(413, f"body of {length} bytes exceeds the limit of {self.server.max_bytes} bytes "
-                              f"(send fewer images per request)", length)
-            return
-        try:
-            images, prompts, metadata = parse_request(json.loads(self.rfile.read(length)))
-        except ValueError as exc:  # JSONDecodeError is a ValueError too
-            self._send(400, {"error": f"malformed request: {exc}"})
-            return
-        try:
-            rewards = self.server.scorer.score(images, prompts, metadata)
-        except Exception as exc:
-            logger.exception("reward %s failed", self.server.reward_name)
-            self._send(500, {"error": f"reward failed: {type(exc).__name__}: {exc}"})
-            return
-        self._send(200, {"rewards": [v if math.isfinite(v) else None for v in rewards]})
+        """Stop serving (in-flight requests get up to 5 s to finish) and stop the reward worker."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        self._socket.close()
+        self.app.close()
 
 
 def make_server(reward: RewardFn, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
-                max_batch: int = 32, max_bytes: int = 64 * 2**20, batch_wait_s: float = 0.005) -> RewardServer:
-    """A ready (not yet serving) server; run ``serve_forever()`` in a thread and ``close()`` it when done."""
-    if max_bytes < 1:
-        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
-    return RewardServer((host, port), BatchingScorer(reward, max_batch, batch_wait_s), reward.name, token, max_bytes)
+                max_batch: int = 32, max_bytes: int = 64 * 2**20, max_pixels: int = 2**26, batch_wait_s: float = 0.005,
+                read_timeout: float = 30.0, backlog: int = 2048) -> RewardServer:
+    """A bound, not yet serving server: ``start()`` it on a thread (``close()`` when done) or ``serve_forever()``."""
+    if max_bytes < 1 or max_pixels < 1 or read_timeout <= 0:
+        raise ValueError(f"need max_bytes >= 1, max_pixels >= 1 and read_timeout > 0, got {max_bytes}, {max_pixels} "
+                         f"and {read_timeout}")
+    app = RewardApp(BatchingScorer(reward, max_batch, batch_wait_s), reward.name, token=token, max_bytes=max_bytes,
+                    max_pixels=max_pixels, read_timeout=read_timeout)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=backlog)
+    except OSError:
+        app.close()
+        raise
+    return RewardServer(app, sock, read_timeout, backlog)
 
 
 def load_config_arg(value: str | None) -> dict[str, Any]:
@@ -282,10 +192,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
     p.add_argument("--config", help="reward options: inline JSON or a .json/.yaml file")
-    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN'; 'env:NAME' reads it from $NAME")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /score; 'env:NAME' reads it from $NAME")
     p.add_argument("--max-batch", type=int, default=32, help="most images per reward call (default 32)")
-    p.add_argument("--max-bytes", type=int, default=64 * 2**20, help="largest request body in bytes (default 64 MiB)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to wait to merge requests (default 5)")
+    p.add_argument("--max-bytes", type=int, default=64 * 2**20,
+                   help="largest request body in bytes; larger ones get 413 (default 64 MiB)")
+    p.add_argument("--max-pixels", type=int, default=2**26,
+                   help="most decoded pixels per request, all images together; more get 413 (default 2**26: "
+                        "64 images of 1024x1024)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the reward worker waits for more requests to merge into a batch (default 5)")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's headers, and again its body; slower clients "
+                        "get 408 and are disconnected (default 30)")
+    p.add_argument("--backlog", type=int, default=2048,
+                   help="connections the kernel queues before the server accepts them (default 2048, capped by "
+                        "net.core.somaxconn)")
     p.set_defaults(func=_serve)
 
 
@@ -293,17 +214,18 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         reward = build_reward(args.name, **load_config_arg(args.config))
-        server = make_server(reward, args.host, args.port, token=resolve_secret(args.token),
-                             max_batch=args.max_batch, max_bytes=args.max_bytes, batch_wait_s=args.batch_wait_ms / 1000)
+        server = make_server(reward, args.host, args.port, token=resolve_secret(args.token), max_batch=args.max_batch,
+                             max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                             batch_wait_s=args.batch_wait_ms / 1000, read_timeout=args.read_timeout,
+                             backlog=args.backlog)
     except (KeyError, TypeError, ValueError, OSError) as exc:  # bad name, options, paths, config or port
         print(f"flowgrpo serve-reward: error: {exc}", file=sys.stderr)
         return 2
     print(f"flowgrpo serve-reward: {reward.name} on {server.url}", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         pass
     finally:
-        server.server_close()
-        server.scorer.close()
+        server.app.close()
     return 0

@@ -1,7 +1,9 @@
 """The reward service and the remote client, against real HTTP servers started here.
 
 `make_server` / `flowgrpo serve-reward` are the real service; `ScriptedServer` is a stand-in that speaks the
-same protocol but misbehaves on cue (500s, garbage, timeouts, dropped connections, dying mid-batch).
+same protocol but misbehaves on cue (5xx, 429 and 4xx answers, garbage, timeouts, reset connections, dying
+mid-batch). Hostile input to the real service is in test_rewards_service_hostile.py, its load test in
+test_rewards_service_load.py.
 """
 import base64
 import http.client
@@ -12,6 +14,7 @@ import math
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -23,47 +26,24 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from flowgrpo.rewards import Reward, build_reward
+from flowgrpo.rewards import build_reward
+from flowgrpo.rewards.batching import BatchingScorer
 from flowgrpo.rewards.http_client import image_to_png_b64, png_b64_to_image
 from flowgrpo.rewards.remote import RemoteReward, RemoteRewardError
-from flowgrpo.rewards.server import BatchingScorer, load_config_arg, make_server
-
-
-class Brightness(Reward):
-    """Mean pixel value; NaN for prompts saying 'unscorable'; raises for 'boom'. Records its batch sizes."""
-
-    name = "brightness"
-
-    def __init__(self):
-        super().__init__()
-        self.batches = []
-
-    def score(self, images, prompts, metadata):
-        self.batches.append(len(prompts))
-        if "boom" in prompts:
-            raise RuntimeError("boom prompt")
-        out = images.mean(dim=(1, 2, 3))
-        return torch.where(torch.tensor(["unscorable" in p for p in prompts]), torch.nan, out)
-
-
-def quantised(n, h=8, w=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
+from flowgrpo.rewards.server import load_config_arg, make_server
+from tests.service_helpers import Brightness, quantised
 
 
 @pytest.fixture
 def service():
     reward = Brightness()
-    server = make_server(reward, token="s3cret", max_batch=3, max_bytes=200_000)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server = make_server(reward, token="s3cret", max_batch=3, max_bytes=200_000, read_timeout=1.0).start()
     yield server, reward
     server.close()
-    thread.join(timeout=5)
 
 
 def raw_post(server, body: bytes, headers=None, path="/score"):
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
     conn.request("POST", path, body=body, headers={"Authorization": "Bearer s3cret", **(headers or {})})
     resp = conn.getresponse()
     data = json.loads(resp.read())
@@ -106,7 +86,7 @@ def test_service_groups_images_of_different_sizes(service):
 
 def test_service_health_auth_and_size_errors(service):
     server, _ = service
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
     conn.request("GET", "/health")
     resp = conn.getresponse()
     assert resp.status == 200
@@ -142,7 +122,7 @@ def test_service_rejects_malformed_bodies_with_400(service):
         assert re.search(message, data["error"]), (message, data)
     status, data = raw_post(server, b"{}", path="/predict")
     assert status == 404 and "POST /score" in data["error"]
-    with socket.create_connection(server.server_address[:2], timeout=5) as sock:  # chunked: no Content-Length
+    with socket.create_connection(server.address, timeout=5) as sock:  # chunked: no Content-Length
         sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 411")
 
@@ -167,7 +147,8 @@ def test_batching_scorer_merges_concurrent_requests():
     results = {}
 
     def request(k, idx):
-        results[k] = scorer.score([images[i] for i in idx], [f"p{i}" for i in idx], [{} for _ in idx])
+        futures = scorer.submit([images[i] for i in idx], [f"p{i}" for i in idx], [{} for _ in idx])
+        results[k] = [v for f in futures for v in f.result()]
 
     threads = [threading.Thread(target=request, args=(k, idx)) for k, idx in enumerate([[0], [1, 2], [3, 4, 5]])]
     for t in threads:
@@ -218,14 +199,22 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             self.server.die()
             return
+        if action == "reset":  # drop the connection with a TCP reset, as an overflowing listen backlog does
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            return
         if action == "sleep":
             time.sleep(1.0)
-        payload = {
-            "ok": json.dumps({"rewards": rewards}), "sleep": json.dumps({"rewards": rewards}),
-            "500": json.dumps({"error": "CUDA out of memory"}), "garbage": "<html>502 Bad Gateway</html>",
-            "short": json.dumps({"rewards": rewards[:-1]}), "strings": json.dumps({"rewards": ["high"] * len(rewards)}),
-        }[action].encode()
-        self.send_response(500 if action == "500" else 200)
+        if action.isdigit():  # an error status
+            status, payload = int(action), json.dumps({"error": f"scripted {action}"}).encode()
+        else:
+            status, payload = 200, {
+                "ok": json.dumps({"rewards": rewards}), "sleep": json.dumps({"rewards": rewards}),
+                "garbage": "<html>502 Bad Gateway</html>", "short": json.dumps({"rewards": rewards[:-1]}),
+                "strings": json.dumps({"rewards": ["high"] * len(rewards)}),
+            }[action].encode()
+        self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -254,6 +243,49 @@ def test_client_retries_through_500_garbage_and_bad_answers(scripted):
     assert torch.allclose(out, images.mean(dim=(1, 2, 3)), atol=1e-6)
     assert server.seen == ["500", "garbage", "short", "strings", "ok"]
     assert client.stats["retries"] == 4 and client.stats["failed_requests"] == 0 and client.stats["nan"] == 0
+
+
+def test_client_retries_resets_and_overload_answers(scripted):
+    server = scripted(["reset", "429", "503", "reset", "502", "ok"])
+    client = RemoteReward(server.url, retries=5, backoff=0.01)
+    images = quantised(3)
+    out = client(images, ["a", "b", "c"])
+    assert torch.allclose(out, images.mean(dim=(1, 2, 3)), atol=1e-6)
+    assert server.seen == ["reset", "429", "503", "reset", "502", "ok"]
+    assert client.stats["retries"] == 5 and client.stats["failed_requests"] == 0 and client.stats["nan"] == 0
+
+
+def test_client_backoff_is_bounded_and_ends_in_nan(scripted, caplog):
+    server = scripted(["reset"] * 4)
+    client = RemoteReward(server.url, retries=3, backoff=10.0, max_backoff=0.05)  # steps of 10, 20, 40 s capped
+    images = quantised(2)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="flowgrpo.rewards.remote"):
+        out = client(images, ["a", "b"])
+    assert time.monotonic() - start < 1.0
+    assert torch.isnan(out).all() and server.seen == ["reset"] * 4
+    assert client.stats["retries"] == 3 and client.stats["failed_requests"] == 1 and client.stats["failed_samples"] == 2
+    assert any("2 sample(s) scored NaN" in r.message and "ConnectionResetError" in r.message for r in caplog.records)
+
+
+def test_client_retries_refused_connections_then_scores_nan():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = RemoteReward(f"http://127.0.0.1:{port}", retries=2, backoff=0.01)
+    out = client(quantised(3), ["a", "b", "c"])
+    assert torch.isnan(out).all()
+    assert client.stats["retries"] == 2 and client.stats["failed_requests"] == 1 and client.stats["failed_samples"] == 3
+
+
+@pytest.mark.parametrize("status, hint", [("400", ""), ("404", "without /score"), ("408", "raise --read-timeout"),
+                                          ("413", "lower 'batch_size'")])
+def test_client_never_retries_other_4xx(scripted, status, hint):
+    server = scripted([status, "ok"])
+    client = RemoteReward(server.url, retries=3, backoff=0.01)
+    with pytest.raises(RemoteRewardError, match=rf"HTTP {status}: .*scripted {status}.*{re.escape(hint)}"):
+        client(quantised(2), ["a", "b"])
+    assert server.seen == [status] and client.stats["retries"] == 0
 
 
 def test_client_survives_timeouts(scripted):
