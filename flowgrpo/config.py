@@ -174,7 +174,8 @@ PRESETS: dict[str, dict] = {
     "shapes": dict(judge="shapes"),
     # The shipped Shapes masked diffusion model with Co-GRPO (model and schedule jointly; --co-mode model|schedule).
     "shapes-mdm": dict(model=str(SHAPES_MDM), num_steps=12, prompts_per_iter=8, group_size=6, micro_batch=24,
-                       lr=1e-4, beta=0.0, iterations=100, eval_every=50, out="runs/shapes-mdm"),
+                       train_steps=4, lr=1e-4, schedule_lr=0.1, beta=0.0, iterations=100, eval_every=50,
+                       out="runs/shapes-mdm"),
     # Real models read from a local directory (pass --model PATH); values follow Flow-GRPO's GenEval recipes.
     "sd35-medium": dict(model="", strategy="flow_grpo", sde_steps=0, precision="bf16", height=512, width=512,
                         lora_rank=32, micro_batch=4, prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=40,

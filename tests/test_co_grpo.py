@@ -56,9 +56,9 @@ def params(t: Trainer) -> dict[str, dict[str, torch.Tensor]]:
             for part in ("transformer", "schedule")}
 
 
-@pytest.mark.parametrize("mode", ["model", "schedule", "joint"])
-def test_importance_ratio_is_one_on_the_first_inner_step(tiny_mdm, tmp_path, mode):
-    t = trainer(config(tiny_mdm, tmp_path, co_mode=mode, inner_epochs=2))
+@pytest.mark.parametrize("mode,train_steps", [("model", 0), ("schedule", 0), ("joint", 0), ("joint", 2)])
+def test_importance_ratio_is_one_on_the_first_inner_step(tiny_mdm, tmp_path, mode, train_steps):
+    t = trainer(config(tiny_mdm, tmp_path, co_mode=mode, inner_epochs=2, train_steps=train_steps))
     ro = t.task.rollout(t.plan(ROWS))
     policy = t.task.policy
     sampled = ro.sampled_log_probs()
@@ -67,7 +67,8 @@ def test_importance_ratio_is_one_on_the_first_inner_step(tiny_mdm, tmp_path, mod
         logp, _ = policy.log_prob(ro, chunk)
         assert (logp.detach() - sampled[chunk.rows, chunk.cols]).abs().max() < 1e-5
         checked += logp.numel()
-    expected = {"model": 8 * 4, "schedule": 8 * 4, "joint": 8 * 8}[mode]
+    model_steps = train_steps or 4  # the model trains on train_steps of the 4 steps (0 = all), the schedule on all
+    expected = {"model": 8 * model_steps, "schedule": 8 * 4, "joint": 8 * (model_steps + 4)}[mode]
     assert checked == expected  # every trained column of every row, each once
     m = t.step(ROWS)  # the update's first epoch recomputes the sampled log-probs before its optimizer step
     assert m["sampler_logp_max_diff"] < 1e-5 and m["loss"] != 0 and m["ratio_max"] > m["ratio_min"]

@@ -75,24 +75,20 @@ def test_flow_trainer_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
 
 @pytest.mark.slow
 def test_co_grpo_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
-    """A tiny masked diffusion model, model and schedule trained jointly (Pref-GRPO win rates from the verifier, KL):
-    the same parameters after each iteration on 1 process, on 2, and on 2 then 1."""
-    from flowgrpo.policies.mdm import MaskedDiffusionPolicy
+    """The shipped masked diffusion model, model and schedule trained jointly (Pref-GRPO win rates from the verifier,
+    KL): the same parameters after each iteration on 1 process, on 2, and on 2 then 1."""
+    from flowgrpo.assets import SHAPES_MDM
     from flowgrpo.policies.schedule import SchedulePolicy
-    from flowgrpo.shapes.mdm_model import MDMSpec, build_mdm_pipeline
 
-    model = tmp_path / "tiny-mdm"
-    spec = MDMSpec(hidden_size=16, num_layers=1, heads=2, block_channels=8, embed_channels=8)
-    MaskedDiffusionPolicy(build_mdm_pipeline(spec), SchedulePolicy.default(4, 3.0), micro_batch=4).save(model)
     evalf = tmp_path / "eval.jsonl"
     evalf.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::60]))
 
     def train(out: str, iterations: int, processes: int) -> None:
-        _run(["-m", "flowgrpo.cli", "train", "--preset", "shapes-mdm", "--model", str(model), "--out", out,
-              "--iterations", str(iterations), "--num-steps", "4", "--prompts-per-iter", "4", "--group-size", "4",
-              "--micro-batch", "4", "--judge", "shapes", "--beta", "0.05", "--eval-prompts", str(evalf),
-              "--eval-images-per-prompt", "2", "--eval-every", "100", "--save-every", "1", "--lr", "1e-3",
-              "--log-with", ""], processes, tmp_path)
+        # 4 prompts x 4 samples: 8 per process in 2 forward passes of 4; the model trains on 2 of the 12 steps
+        _run(["-m", "flowgrpo.cli", "train", "--preset", "shapes-mdm", "--out", out, "--iterations", str(iterations),
+              "--prompts-per-iter", "4", "--group-size", "4", "--micro-batch", "4", "--train-steps", "2",
+              "--judge", "shapes", "--beta", "0.05", "--eval-prompts", str(evalf), "--eval-images-per-prompt", "1",
+              "--eval-every", "100", "--save-every", "1", "--lr", "1e-3", "--log-with", ""], processes, tmp_path)
 
     train("one", 2, 1)
     train("two", 2, 2)
@@ -101,7 +97,7 @@ def test_co_grpo_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
     weights = {run: {it: load_file(tmp_path / run / "checkpoints" / f"iter-00000{it}" / "weights.safetensors")
                      for it in (1, 2)} for run in ("one", "two", "mixed")}
     assert {k.split(".")[0] for k in weights["one"][2]} == {"transformer", "schedule"}
-    start = SchedulePolicy.from_pretrained(model / "schedule")
+    start = SchedulePolicy.from_pretrained(SHAPES_MDM / "schedule")
     assert not torch.equal(weights["one"][2]["schedule.mean"], start.mean.detach())  # training moved the schedule
     for it in (1, 2):
         assert _max_diff(weights["one"][it], weights["two"][it]) <= TOLERANCE
