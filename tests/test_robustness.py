@@ -6,6 +6,8 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -16,6 +18,7 @@ from flowgrpo.checkpoint import read_training
 from flowgrpo.config import ConfigError, TrainConfig
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.rewards import Reward, register_reward
+from flowgrpo.rewards.server import make_server
 from flowgrpo.shapes.model import TransformerSpec, build_pipeline
 from flowgrpo.train import draw_prompts, train
 from flowgrpo.trainer import UnscorableError
@@ -132,3 +135,43 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model, tmp
     assert read_training(tmp_path / "run" / "checkpoints" / "iter-000001", kind="flow").state.iteration == 1
     again = subprocess.run(args + ["--iterations", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resumed from" in again.stderr + again.stdout
+
+
+class GoesDown(Reward):
+    """Mean pixel value; on its ``last`` call it asks the test to stop the server that serves it."""
+
+    name = "goes_down"
+
+    def __init__(self, last: int, stopping):
+        super().__init__()
+        self.last, self.stopping, self.calls = last, stopping, 0
+
+    def score(self, images, prompts, metadata):
+        self.calls += 1
+        if self.calls == self.last:
+            self.stopping.set()
+            time.sleep(0.5)  # the listening socket closes before this answer leaves: the next request is refused
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_a_reward_server_that_dies_mid_run_is_skipped_then_stops_the_run(tiny_model, tmp_path, capsys, caplog):
+    stopping = threading.Event()
+    server = make_server(GoesDown(last=2, stopping=stopping)).start()
+    threading.Thread(target=lambda: stopping.wait() and server.close(), daemon=True).start()
+    evalp = tmp_path / "eval.jsonl"
+    evalp.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::60]))
+    remote = {"url": server.url, "retries": 2, "backoff": 0.05, "timeout": 5}
+    # iterations 1 and 2 are scored by the server, 3 and 4 find it gone: skipped, then the run stops
+    with pytest.raises(UnscorableError, match=r"2 consecutive iterations had no scorable sample"):
+        train(_cfg(tiny_model, tmp_path / "run", iterations=8, judge="", reward="remote", reward_options=remote,
+                   eval_prompts=str(evalp), max_unscorable=2, keep=5))
+    assert "iteration 3: no sample could be scored; update skipped (1 in a row, the run stops at 2)" in \
+        capsys.readouterr().err
+    failed = [r.getMessage() for r in caplog.records if "scored NaN" in r.getMessage()]
+    assert len(failed) == 2 and "16 sample(s) scored NaN (1 failed request(s) so far)" in failed[0]
+    ck = tmp_path / "run" / "checkpoints"
+    state = read_training(ck / "iter-000003", kind="flow").state  # the newest checkpoint, complete
+    assert [h.get("skipped", 0.0) for h in state.history["train"]] == [0.0, 0.0, 1.0]
+    assert not (ck / "iter-000004").exists()
+    w2, w3 = (load_file(ck / f"iter-00000{i}" / "weights.safetensors") for i in (2, 3))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the skipped iteration trained on nothing
