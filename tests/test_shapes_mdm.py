@@ -48,7 +48,7 @@ def test_mdm_pretraining_resumes_as_if_never_stopped(tmp_path):
     record = json.loads((tmp_path / "a" / "step000004" / "flowgrpo_pretrain.json").read_text())
     assert record["config"]["lr"] == 1e-3 and record["config"]["head_dim"] == 8  # the kind's defaults, resolved
     policy = MaskedDiffusionPolicy.from_pretrained(tmp_path / "a" / "step000004")
-    assert policy.schedule.num_steps == 3 and float(policy.schedule.mean_schedule()[0, 3]) == 4.0
+    assert policy.schedule.num_steps == 3 and float(policy.schedule.mean_schedule()[0, 3]) == 3.0  # eval_cfg
 
 
 def test_sample_and_eval_commands_take_a_masked_diffusion_model(tmp_path):
@@ -68,4 +68,4 @@ def test_sample_and_eval_commands_take_a_masked_diffusion_model(tmp_path):
     seeds = torch.tensor([1, 2])
     own = policy.generate(["a photo of a circle"] * 2, x_init=seeds)
     assert not torch.equal(own, policy.generate(["a photo of a circle"] * 2, num_steps=5, x_init=seeds))
-    assert torch.equal(own, policy.generate(["a photo of a circle"] * 2, num_steps=3, guidance=4.0, x_init=seeds))
+    assert torch.equal(own, policy.generate(["a photo of a circle"] * 2, num_steps=3, guidance=3.0, x_init=seeds))
