@@ -9,7 +9,7 @@ KINDS = ("flow", "mdm")
 KIND_DEFAULTS = {
     "flow": dict(steps=12000, lr=5e-4, patch_size=4, num_layers=4, head_dim=32, heads=4, eval_every=1000,
                  eval_steps=20, eval_cfg=3.0),
-    "mdm": dict(steps=6000, lr=1e-3, patch_size=0, num_layers=4, head_dim=16, heads=4, eval_every=500,
+    "mdm": dict(steps=4500, lr=1e-3, patch_size=0, num_layers=4, head_dim=16, heads=4, eval_every=500,
                 eval_steps=12, eval_cfg=3.0),
 }
 
