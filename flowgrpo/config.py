@@ -211,7 +211,7 @@ PRESETS: dict[str, dict] = {
     # the verifier as a pairwise judge (on a par with pointwise advantages in BENCHMARKS.md).
     "shapes": dict(judge="shapes"),
     # The shipped Shapes masked diffusion model with Co-GRPO (model and schedule jointly; --co-mode model|schedule).
-    "shapes-mdm": dict(model=str(SHAPES_MDM), num_steps=12, prompts_per_iter=8, group_size=6, micro_batch=24,
+    "shapes-mdm": dict(model=str(SHAPES_MDM), num_steps=24, prompts_per_iter=8, group_size=6, micro_batch=24,
                        train_steps=4, lr=1e-4, schedule_lr=0.1, beta=0.0, iterations=100, eval_every=50,
                        out="runs/shapes-mdm"),
     # Real models read from a local directory (pass --model PATH); values follow Flow-GRPO's GenEval recipes.

@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,7 +17,7 @@ from flowgrpo.shapes.pretrain import STATE_FILE, PretrainConfig, pretrain
 from flowgrpo.shapes.render import render
 
 TINY = dict(kind="mdm", steps=4, batch_size=4, num_layers=1, head_dim=8, heads=2, eval_every=2, eval_per_tag=1,
-            eval_steps=3, threads=1)
+            eval_steps=3, eval_temperature=1.0, threads=1)  # temperature 1: the hand-set schedule's
 
 
 def test_the_vq_model_tokenises_rendered_images_exactly():
@@ -48,7 +49,15 @@ def test_mdm_pretraining_resumes_as_if_never_stopped(tmp_path):
     record = json.loads((tmp_path / "a" / "step000004" / "flowgrpo_pretrain.json").read_text())
     assert record["config"]["lr"] == 1e-3 and record["config"]["head_dim"] == 8  # the kind's defaults, resolved
     policy = MaskedDiffusionPolicy.from_pretrained(tmp_path / "a" / "step000004")
-    assert policy.schedule.num_steps == 3 and float(policy.schedule.mean_schedule()[0, 3]) == 3.0  # eval_cfg
+    mean = policy.schedule.mean_schedule()
+    assert policy.schedule.num_steps == 3 and float(mean[0, 3]) == 3.0  # eval_cfg
+    assert float(mean[0, 1]) == 1.0 and float(mean[0, 2]) == 2.0  # eval_temperature, eval_remask at the first step
+
+
+def test_sampling_options_of_the_mdm_are_refused_for_the_flow_model():
+    with pytest.raises(ValueError, match="--eval-temperature applies to the masked diffusion model"):
+        PretrainConfig(kind="flow", eval_temperature=0.5).resolved()
+    assert PretrainConfig(kind="mdm").resolved().eval_remask == 2.0
 
 
 def test_sample_and_eval_commands_take_a_masked_diffusion_model(tmp_path):

@@ -19,7 +19,11 @@ def test_shipped_mdm_is_small_and_complete():
     record = json.loads((SHAPES_MDM / "flowgrpo_pretrain.json").read_text())
     assert record["config"]["kind"] == "mdm" and record["record"]["step"] == record["config"]["steps"]
     policy = MaskedDiffusionPolicy.from_pretrained(SHAPES_MDM)
-    assert policy.schedule.num_steps == record["config"]["eval_steps"]
+    schedule = record["schedule"]  # set after pretraining (its note says how)
+    mean = policy.schedule.mean_schedule()
+    assert policy.schedule.num_steps == schedule["steps"]
+    assert [float(mean[0, 1]), float(mean[0, 2]), float(mean[0, 3])] == pytest.approx(
+        [schedule["temperature"], schedule["remask"], schedule["cfg"]])
 
 
 def test_plain_diffusers_call_draws_the_prompt():

@@ -3,7 +3,8 @@
 Each step renders a tag-balanced batch, tokenises it exactly (palette indices), masks every token with probability
 cos(pi/2 u), u ~ U(0, 1) (at least one per image), drops 10% of the prompts for classifier-free guidance, and
 minimises the cross-entropy of the masked tokens. Checkpoints hold the EMA weights and the hand-set schedule
-(`SchedulePolicy.default` of ``eval_steps`` steps at CFG ``eval_cfg``), and a resumed run continues exactly.
+(`SchedulePolicy.default` of ``eval_steps`` steps at CFG ``eval_cfg``, sampling temperature
+``eval_temperature``, remasking temperature ``eval_remask`` falling to 0), and a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def pretrain_mdm(cfg: PretrainConfig) -> Path:
     model = pipe.transformer.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     pipe.transformer = ema  # what evaluations sample from and checkpoints hold
-    policy = MaskedDiffusionPolicy(pipe, SchedulePolicy.default(cfg.eval_steps, cfg.eval_cfg), micro_batch=64,
-                                   mode="schedule")
+    schedule = SchedulePolicy.default(cfg.eval_steps, cfg.eval_cfg, temperature=cfg.eval_temperature,
+                                      remask=cfg.eval_remask)
+    policy = MaskedDiffusionPolicy(pipe, schedule, micro_batch=64, mode="schedule")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -10,8 +10,10 @@ KIND_DEFAULTS = {
     "flow": dict(steps=12000, lr=5e-4, patch_size=4, num_layers=4, head_dim=32, heads=4, eval_every=1000,
                  eval_steps=20, eval_cfg=3.0),
     "mdm": dict(steps=4500, lr=1e-3, patch_size=0, num_layers=4, head_dim=16, heads=4, eval_every=500,
-                eval_steps=12, eval_cfg=3.0),
+                eval_steps=24, eval_cfg=3.0, eval_temperature=0.5, eval_remask=2.0),
 }
+
+MDM_ONLY = ("eval_temperature", "eval_remask")  # sampling options of the masked diffusion model's schedule
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class PretrainConfig:
     eval_per_tag: int = 16
     eval_steps: int | None = None
     eval_cfg: float | None = None
+    eval_temperature: float | None = None
+    eval_remask: float | None = None
     threads: int = 2
     init: str = ""
     max_minutes: float = 0.0
@@ -45,6 +49,9 @@ class PretrainConfig:
             raise ValueError(f"--kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "mdm" and self.patch_size:
             raise ValueError("--patch-size applies to the flow model; the masked diffusion model's tokens are pixels")
+        for name in MDM_ONLY:
+            if self.kind != "mdm" and getattr(self, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} applies to the masked diffusion model (--kind mdm)")
         return replace(self, **{k: v for k, v in KIND_DEFAULTS[self.kind].items() if getattr(self, k) is None})
 
 
@@ -68,6 +75,9 @@ HELP = {
     "eval_per_tag": "test entries per tag in the mini-evaluation (one image each)",
     "eval_steps": "sampling steps of the mini-evaluation (mdm: also the length of the saved default schedule)",
     "eval_cfg": "guidance scale of the mini-evaluation (mdm: also the saved default schedule's)",
+    "eval_temperature": "sampling temperature of the mini-evaluation and the saved default schedule",
+    "eval_remask": "remasking (choice) temperature at the first unmasking step of the mini-evaluation and the saved "
+                   "default schedule; it falls linearly to 0 at the last",
     "threads": "torch CPU threads",
     "init": "a Shapes pipeline directory (e.g. flowgrpo/assets/shapes-base) whose transformer starts the weights and "
             "the EMA: continued pretraining; the transformer options must match it",
@@ -76,7 +86,7 @@ HELP = {
               "--max-minutes)",
 }
 TYPES = {"steps": int, "lr": float, "patch_size": int, "num_layers": int, "head_dim": int, "heads": int,
-         "eval_every": int, "eval_steps": int, "eval_cfg": float}
+         "eval_every": int, "eval_steps": int, "eval_cfg": float, "eval_temperature": float, "eval_remask": float}
 # Options that may change between a run and its resumption: they do not change what is trained.
 RUN_CONTROL = ("threads", "max_minutes", "resume")
 
@@ -89,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.name == "kind":
             parser.add_argument(flag, choices=KINDS, default=f.default, help=f"{HELP[f.name]} (default: flow)")
         elif f.default is None:
-            per_kind = ", ".join(f"{k}: {KIND_DEFAULTS[k][f.name]!r}" for k in KINDS)
+            per_kind = ", ".join(f"{k}: {KIND_DEFAULTS[k][f.name]!r}" for k in KINDS if f.name in KIND_DEFAULTS[k])
             parser.add_argument(flag, type=TYPES[f.name], default=None, help=f"{HELP[f.name]} (default: {per_kind})")
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default,
