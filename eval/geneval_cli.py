@@ -12,7 +12,7 @@ def run_geneval_command(args: argparse.Namespace) -> int:
     from flowgrpo.eval.geneval import evaluate, markdown_table, score_images, write_report
     from flowgrpo.eval.geneval_images import load_geneval_images
     from flowgrpo.prompts.loaders import PromptFileError, load_geneval, load_prompts
-    from flowgrpo.sample import load_policy_for_sampling
+    from flowgrpo.sample import load_policy_for_sampling, sampling_settings
     from flowgrpo.shapes.verify import verify
 
     try:
@@ -32,7 +32,8 @@ def run_geneval_command(args: argparse.Namespace) -> int:
 
         name = Path(args.model or "shapes-base").name
         policy = load_policy_for_sampling(args.model or str(SHAPES_MODEL), lora=args.lora, batch=args.batch)
-        result = evaluate(policy, entries, images_per_prompt=args.n, num_steps=args.steps, guidance=args.guidance,
+        steps, guidance = sampling_settings(policy, args.steps, args.guidance)
+        result = evaluate(policy, entries, images_per_prompt=args.n, num_steps=steps, guidance=guidance,
                           seed=args.seed, batch=args.batch, scorer=scorer)
     out = write_report(result, args.out, name=name)
     (out / "command.json").write_text(json.dumps(vars(args) | {"func": None}, indent=1, default=str))
@@ -79,7 +80,8 @@ def register_geneval(eval_subparsers: argparse._SubParsersAction) -> None:
                     "relative position with a 0.1 margin). Nothing is downloaded.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="local diffusers pipeline directory (default: the shipped Shapes model)")
+    src.add_argument("--model", default=None, help="local diffusers pipeline directory (default: the shipped Shapes "
+                     "model; an AmusedPipeline directory is a masked diffusion model, sampled under its schedule)")
     src.add_argument("--images", metavar="DIR", help="score images already generated in GenEval's layout "
                      "(DIR/NNNNN/metadata.jsonl, DIR/NNNNN/samples/NNNN.png) instead of generating; --metadata, "
                      "--n and the generation options are then unused")
@@ -87,8 +89,10 @@ def register_geneval(eval_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metadata", default="shapes:test", help="GenEval-format JSONL, or shapes:test / shapes:train")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n", type=int, default=2, help="images per entry")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps")
-    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default 20); a masked diffusion model: "
+                   "unmasking steps of the hand-set schedule instead of its own")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 4.5); a "
+                   "masked diffusion model: the hand-set schedule's CFG instead of its own schedule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--scorer", choices=["shapes", "detector"], default="shapes",

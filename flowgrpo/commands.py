@@ -58,14 +58,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
     p.set_defaults(func=_train)
 
-    s = sub.add_parser("sample", help="write images for a prompt from a local pipeline (ODE sampling)")
-    s.add_argument("--model", default=None, help="local diffusers pipeline directory (default: the Shapes base model)")
+    s = sub.add_parser("sample", help="write images for a prompt from a local pipeline (flow: ODE sampling; masked "
+                                      "diffusion: its schedule)")
+    s.add_argument("--model", default=None, help="local diffusers pipeline directory (default: the Shapes base model; "
+                   "an AmusedPipeline directory, e.g. flowgrpo/assets/shapes-mdm, is a masked diffusion model)")
     s.add_argument("--lora", default=None, help="optional LoRA weights directory saved by `flowgrpo train`")
     s.add_argument("--prompt", required=True)
     s.add_argument("--out", required=True, help="output directory for NNN.png")
     s.add_argument("--n", type=int, default=4, help="number of images")
-    s.add_argument("--steps", type=int, default=20, help="Euler steps")
-    s.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+    s.add_argument("--steps", type=int, default=None, help="Euler steps (default 20); a masked diffusion model: "
+                   "unmasking steps of the hand-set schedule instead of its own")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 4.5); a "
+                   "masked diffusion model: the hand-set schedule's CFG instead of its own schedule")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch", type=int, default=16, help="images per forward pass")
     s.set_defaults(func=_sample)

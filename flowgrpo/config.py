@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from flowgrpo.assets import SHAPES_MODEL
+from flowgrpo.assets import SHAPES_MDM, SHAPES_MODEL
 from flowgrpo.core import TRACKED_ESTIMATORS
+from flowgrpo.policies.mdm import MODES, is_mdm
 from flowgrpo.rewards import REWARDS
 from flowgrpo.rewards.base import UnknownNameError, check_options
 from flowgrpo.settings import ConfigError, GRPOSettings, opt
@@ -32,7 +33,8 @@ PRECISIONS = ("fp32", "bf16")
 @dataclass(frozen=True)
 class TrainConfig(GRPOSettings):
     # model and data
-    model: str = opt(str(SHAPES_MODEL), "local diffusers pipeline directory (SD3/SD3.5, FLUX or Sana)")
+    model: str = opt(str(SHAPES_MODEL), "local diffusers pipeline directory (SD3/SD3.5, FLUX or Sana; or an aMUSEd-style "
+                                        "AmusedPipeline: a masked diffusion model, trained with Co-GRPO)")
     family_options: dict = opt(factory=dict, help="model-family options, e.g. {max_sequence_length: 128}")
     height: int = opt(0, "image height; 0 = the model's native size")
     width: int = opt(0, "image width; 0 = the model's native size")
@@ -58,7 +60,8 @@ class TrainConfig(GRPOSettings):
                                  "(random in the window) where each member takes one SDE step, then ODE; dense_grpo = "
                                  "DenseGRPO, a reward per step from ODE completions, advantages per step, a calibrated "
                                  "per-step noise scale")
-    train_steps: int = opt(0, "dance_grpo: SDE steps trained per iteration (0 = 60%% of them, DanceGRPO's fraction)")
+    train_steps: int = opt(0, "dance_grpo: SDE steps trained per iteration (0 = 60%% of them, DanceGRPO's fraction); "
+                              "masked diffusion models: steps whose model term trains per iteration (0 = all)")
     sde_steps: int = opt(3, "the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)")
     window_shift_every: int = opt(25, "mixgrpo: iterations before the SDE window moves on (MixGRPO's shift interval)")
     window_stride: int = opt(1, "mixgrpo: steps the window moves each time")
@@ -85,6 +88,14 @@ class TrainConfig(GRPOSettings):
     noise_freqs: int = opt(0, "k > 0: SDE noise only in the k x k lowest DCT frequencies of each latent channel "
                               "(the layout), deterministic elsewhere; 0 = white noise")
     ema_decay: float = opt(0.0, "evaluate and export a moving average of the weights (per iteration); 0 = live weights")
+    # masked diffusion models (an AmusedPipeline directory as --model): Co-GRPO
+    co_mode: str = opt("joint", "masked diffusion models (Co-GRPO): what trains - model (the MDM), schedule (its "
+                                "inference schedule: unmask ratio, temperatures, CFG per step) or joint (both, on one "
+                                "advantage per trajectory)")
+    schedule_lr: float = opt(1e-2, "masked diffusion models: learning rate of the schedule policy (the learning-rate "
+                                   "schedule decays it with lr)")
+    schedule_std: float = opt(0.0, "masked diffusion models: the schedule policy's exploration std before squashing "
+                                   "(0 = the model's own)")
     # budget and evaluation
     iterations: int = opt(300, "iterations (rollout + update): the training budget")
     max_minutes: float = opt(0.0, "> 0: also stop after this much training time (evaluation excluded); 0 = no limit")
@@ -111,7 +122,9 @@ class TrainConfig(GRPOSettings):
             raise ConfigError(f"strategy {self.strategy!r} is not one of {tuple(STRATEGIES)}")
         if self.strategy == "g2rpo" and not self.shared_noise:
             raise ConfigError("strategy g2rpo branches each group from one shared ODE path: it needs shared_noise=true")
-        if self.train_steps and self.strategy != "dance_grpo":
+        if is_mdm(self.model):
+            self._check_mdm()
+        elif self.train_steps and self.strategy != "dance_grpo":
             raise ConfigError(f"train_steps={self.train_steps} picks DanceGRPO's trained subset: it needs strategy "
                               f"dance_grpo (strategy {self.strategy} trains every SDE step it samples)")
         if self.sharding == "fsdp" and self.strategy == "g2rpo":
@@ -168,6 +181,22 @@ class TrainConfig(GRPOSettings):
         except (UnknownNameError, TypeError) as e:
             raise ConfigError(str(e)) from e
 
+    def _check_mdm(self) -> None:
+        """A masked diffusion model trains in full fp32 on the model, its schedule or both."""
+        if self.co_mode not in MODES:
+            raise ConfigError(f"co_mode {self.co_mode!r} is not one of {MODES}")
+        unsupported = {k: getattr(self, k) for k in ("lora_rank", "trainable") if getattr(self, k)}
+        if self.precision != "fp32":
+            unsupported["precision"] = self.precision
+        if self.sharding != "ddp":
+            unsupported["sharding"] = self.sharding
+        if unsupported:
+            raise ConfigError(f"{unsupported} are not supported for masked diffusion models ({self.model}): they train "
+                              "the whole transformer in fp32")
+        if self.schedule_lr <= 0 or self.schedule_std < 0:
+            raise ConfigError(f"schedule_lr must be > 0 and schedule_std >= 0, got {self.schedule_lr}, "
+                              f"{self.schedule_std}")
+
 
 def check_tag_weights(weights: dict, tags) -> None:
     """Every tag given a sampling weight must be one of the prompt set's tags."""
@@ -181,6 +210,10 @@ PRESETS: dict[str, dict] = {
     # depend on the machine's speed; ~12 minutes of training on 2 CPU cores), with Pref-GRPO win-rate advantages from
     # the verifier as a pairwise judge (on a par with pointwise advantages in BENCHMARKS.md).
     "shapes": dict(judge="shapes"),
+    # The shipped Shapes masked diffusion model with Co-GRPO (model and schedule jointly; --co-mode model|schedule).
+    "shapes-mdm": dict(model=str(SHAPES_MDM), num_steps=24, prompts_per_iter=8, group_size=6, micro_batch=24,
+                       train_steps=4, lr=1e-4, schedule_lr=0.1, beta=0.0, iterations=100, eval_every=50,
+                       out="runs/shapes-mdm"),
     # Real models read from a local directory (pass --model PATH); values follow Flow-GRPO's GenEval recipes.
     "sd35-medium": dict(model="", strategy="flow_grpo", sde_steps=0, precision="bf16", height=512, width=512,
                         lora_rank=32, micro_batch=4, prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=40,

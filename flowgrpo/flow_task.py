@@ -7,7 +7,7 @@ from torch import Tensor
 
 from flowgrpo.core import AdvantageResult
 from flowgrpo.policies.flow import FlowPolicy, Rollout
-from flowgrpo.pref import group_winrates, pref_advantages, to_pixels
+from flowgrpo.pref import group_winrates, image_advantages, to_pixels
 from flowgrpo.samplers.schedules import offset_schedule
 from flowgrpo.strategies import Strategy
 from flowgrpo.update import UpdateBatch
@@ -39,13 +39,7 @@ class FlowTask:
         return self.strategy.advantages(self, ro, rewards, plan, trainer)
 
     def estimate(self, ro: Rollout, rewards: Tensor, plan, trainer) -> AdvantageResult:
-        """Advantages of one set of images: Pref-GRPO win rates when a judge is set, else the pointwise estimator."""
-        pointwise = None
-        if self.judge is None or self.cfg.pointwise_weight > 0:
-            pointwise = trainer.estimate(plan, rewards, prompt_keys=[r["prompt"] for r in plan.rows])
-        if self.judge is None:
-            return pointwise
-        return pref_advantages(self.judge, ro.images, plan, self.cfg, pointwise)
+        return image_advantages(self.judge, ro.images, rewards, plan, trainer, self.cfg)
 
     def value(self, ro: Rollout, plan, rewards: Tensor | None = None) -> Tensor:
         """What an image is worth, [b]: its reward (``rewards`` when already scored), or with a pairwise judge its

@@ -47,3 +47,27 @@ def pref_advantages(judge: PairwiseJudge, images: torch.Tensor, plan, cfg,
     mixed = torch.where(valid, (1 - w) * a + w * pointwise.advantages.float(), torch.zeros_like(a))
     stats.update({f"pointwise/{k}": x for k, x in pointwise.stats.items()})
     return AdvantageResult(mixed, valid, stats)
+
+
+def image_advantages(judge: PairwiseJudge | None, images: torch.Tensor, rewards: torch.Tensor, plan, trainer,
+                     cfg) -> AdvantageResult:
+    """Advantages of one set of images: Pref-GRPO win rates when a judge is set (mixed with the pointwise estimator's
+    when cfg.pointwise_weight > 0), else the pointwise estimator's. The `stratified` estimator's strata are the
+    prompts' tags."""
+    pointwise = None
+    if judge is None or cfg.pointwise_weight > 0:
+        opts = {"strata": tag_strata(plan.rows)} if cfg.advantage == "stratified" else {}
+        pointwise = trainer.estimate(plan, rewards, prompt_keys=[r["prompt"] for r in plan.rows], **opts)
+    if judge is None:
+        return pointwise
+    return pref_advantages(judge, images, plan, cfg, pointwise)
+
+
+def tag_strata(rows: list[dict]) -> torch.Tensor:
+    """[B] integer strata of the rows: their tags (in sorted order)."""
+    tags = [r.get("tag") for r in rows]
+    if not all(isinstance(t, str) for t in tags):
+        raise ValueError("advantage 'stratified' on images takes its strata from the prompts' tags: every prompt "
+                         "entry needs a 'tag'")
+    names = sorted(set(tags))
+    return torch.tensor([names.index(t) for t in tags])

@@ -1,4 +1,5 @@
-"""`flowgrpo train`: GRPO for flow-matching text-to-image models — setup, iterate, finish.
+"""`flowgrpo train`: GRPO for text-to-image models — setup, iterate, finish. Flow-matching pipelines train through
+their rollout strategy (`FlowTask`), masked diffusion models with Co-GRPO (`MDMTask`).
 
 Runs on one process or many (`torchrun` / `accelerate launch`): the batch sizes are global, every draw is keyed by
 (seed, iteration, sample), so the run does not depend on the number of processes; process 0 writes the files.
@@ -17,7 +18,9 @@ from flowgrpo.distributed import Dist
 from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, report_markdown, write_report
 from flowgrpo.eval.reward_eval import RewardEvalResult, evaluate_reward, is_geneval, write_reward_report
 from flowgrpo.flow_task import FlowTask
+from flowgrpo.mdm_task import MDMTask
 from flowgrpo.policies.flow import FlowPolicy
+from flowgrpo.policies.mdm import MaskedDiffusionPolicy, is_mdm
 from flowgrpo.prompts.loaders import load_prompts, ordered_tags
 from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.samplers.noise import Stream, keyed_rng
@@ -26,6 +29,21 @@ from flowgrpo.strategies import STRATEGIES
 from flowgrpo.trainer import Trainer, settings_json
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def load_mdm_policy(cfg: TrainConfig, micro_batch: int, device: torch.device | str = "cpu") -> MaskedDiffusionPolicy:
+    """A masked diffusion model with its schedule (or the hand-set one of num_steps steps at CFG guidance), in
+    micro-batches of the trainer's forward passes (rollouts sample in the batches the update recomputes)."""
+    policy = MaskedDiffusionPolicy.from_pretrained(cfg.model, micro_batch=micro_batch, num_steps=cfg.num_steps,
+                                                   guidance=cfg.guidance, mode=cfg.co_mode,
+                                                   schedule_std=cfg.schedule_std)
+    if policy.schedule.num_steps != cfg.num_steps:
+        raise ConfigError(f"{cfg.model} samples with its own schedule of {policy.schedule.num_steps} steps; "
+                          f"num_steps={cfg.num_steps} must match it")
+    policy.to(device)
+    if cfg.beta > 0:
+        policy.freeze_reference()  # the base model and schedule, before any checkpoint is restored
+    return policy
 
 
 def load_policy(cfg: TrainConfig, device: torch.device | str = "cpu") -> FlowPolicy:
@@ -40,6 +58,17 @@ def load_policy(cfg: TrainConfig, device: torch.device | str = "cpu") -> FlowPol
     if cfg.beta > 0:
         policy.freeze_reference()  # the base weights, before any checkpoint is restored
     return policy
+
+
+def make_task(cfg: TrainConfig, dist: Dist, reward_fn, judge) -> tuple[FlowTask | MDMTask, torch.optim.Optimizer | None]:
+    """The model's task, and its optimizer when the trainer's default (AdamW at lr on every trained parameter) does
+    not fit: a masked diffusion model's schedule trains at schedule_lr."""
+    if not is_mdm(cfg.model):
+        return FlowTask(load_policy(cfg, dist.device), cfg, reward_fn, judge, STRATEGIES[cfg.strategy](cfg)), None
+    policy = load_mdm_policy(cfg, cfg.layout(dist.world_size).micro_batch, dist.device)
+    optimizer = torch.optim.AdamW(policy.param_groups(cfg.schedule_lr, cfg.lr), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    return MDMTask(policy, cfg, reward_fn, judge), optimizer
 
 
 def draw_prompts(entries: list[dict], cfg: TrainConfig, iteration: int) -> list[dict]:
@@ -67,9 +96,10 @@ class Evaluation:
 
     def run(self, name: str) -> GenevalResult | RewardEvalResult:
         cfg, policy, dist = self.cfg, self.trainer.task.policy, self.trainer.dist
-        kw = dict(images_per_prompt=cfg.eval_images_per_prompt, num_steps=cfg.eval_num_steps, guidance=cfg.guidance,
-                  seed=cfg.seed, dist=dist)
-        with self.weights(), policy.precision(None):
+        mdm = self.trainer.task.kind == "mdm"  # samples with its own (learned) schedule, in fp32
+        kw = dict(images_per_prompt=cfg.eval_images_per_prompt, num_steps=None if mdm else cfg.eval_num_steps,
+                  guidance=None if mdm else cfg.guidance, seed=cfg.seed, dist=dist)
+        with self.weights(), contextlib.nullcontext() if mdm else policy.precision(None):
             if is_geneval(self.entries):
                 result = evaluate(policy, self.entries, **kw)
                 write = write_report
@@ -121,9 +151,9 @@ def train(cfg: TrainConfig) -> dict:
                                                            if isinstance(v, (int, float, str, bool))})
         tqdm.write(f"training on {dist.world_size} process(es) ({dist.device}): {layout.samples} samples per "
                    f"iteration, {layout.per_process} per process in forward passes of {layout.micro_batch}")
-    policy = load_policy(cfg, dist.device)
-    task = FlowTask(policy, cfg, reward_fn, judge, STRATEGIES[cfg.strategy](cfg))
-    trainer = Trainer(task, cfg, dist, config_json=settings_json(cfg), ema_decay=cfg.ema_decay,
+    task, optimizer = make_task(cfg, dist, reward_fn, judge)
+    policy = task.policy
+    trainer = Trainer(task, cfg, dist, config_json=settings_json(cfg), optimizer=optimizer, ema_decay=cfg.ema_decay,
                       log=lambda metrics, step: dist.accelerator.log(metrics, step=step))
     trainer.resume()
     evaluation = Evaluation(trainer, eval_entries, cfg, reward_fn)

@@ -139,8 +139,8 @@ class Trainer:
         adv = self.task.advantages(rollout, rewards, plan, self)
         t2 = time.perf_counter()
         lr = self.cfg.scheduled_lr(self.progress())
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # a group's lr_scale keeps its ratio to the scheduled lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.scorable(adv):
             stats = ppo_update(self.task.policy, self.optimizer, self.module, self.task.update_batch(rollout, adv),
                                self.cfg, self.layout, self.dist)

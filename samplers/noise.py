@@ -25,8 +25,9 @@ class Stream:
     PLAN = 2  # per-iteration choices shared by every process (branch steps, trained-step subsets, schedule offsets)
     INIT = 3  # initial latents
     SDE = 4  # SDE step noise
-    TOKENS = 5  # token sampling of text policies
+    TOKENS = 5  # token sampling of text policies and of masked diffusion models
     EVAL = 6  # evaluation noise
+    SCHEDULE = 7  # the schedule policy's actions (Co-GRPO)
 
 
 def key_seed(*keys: int) -> int:

@@ -105,6 +105,40 @@ def test_fsdp_sharded_flow_training_equals_one_process_and_exports_whole_weights
     assert "fsdp" in (tmp_path / "two" / "config.json").read_text()
 
 
+
+@pytest.mark.slow
+def test_co_grpo_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
+    """The shipped masked diffusion model, model and schedule trained jointly (Pref-GRPO win rates from the verifier,
+    KL): the same parameters after each iteration on 1 process, on 2, and on 2 then 1."""
+    from flowgrpo.assets import SHAPES_MDM
+    from flowgrpo.policies.schedule import SchedulePolicy
+
+    evalf = tmp_path / "eval.jsonl"
+    evalf.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::60]))
+
+    def train(out: str, iterations: int, processes: int) -> None:
+        # 4 prompts x 4 samples: 8 per process in 2 forward passes of 4; the model trains on 2 of the 12 steps
+        _run(["-m", "flowgrpo.cli", "train", "--preset", "shapes-mdm", "--out", out, "--iterations", str(iterations),
+              "--prompts-per-iter", "4", "--group-size", "4", "--micro-batch", "4", "--train-steps", "2",
+              "--judge", "shapes", "--beta", "0.05", "--eval-prompts", str(evalf), "--eval-images-per-prompt", "1",
+              "--eval-every", "100", "--save-every", "1", "--lr", "1e-3", "--log-with", ""], processes, tmp_path)
+
+    train("one", 2, 1)
+    train("two", 2, 2)
+    train("mixed", 1, 2)
+    train("mixed", 2, 1)  # resumes the 2-process checkpoint on 1 process
+    weights = {run: {it: load_file(tmp_path / run / "checkpoints" / f"iter-00000{it}" / "weights.safetensors")
+                     for it in (1, 2)} for run in ("one", "two", "mixed")}
+    assert {k.split(".")[0] for k in weights["one"][2]} == {"transformer", "schedule"}
+    start = SchedulePolicy.from_pretrained(SHAPES_MDM / "schedule")
+    assert not torch.equal(weights["one"][2]["schedule.mean"], start.mean.detach())  # training moved the schedule
+    for it in (1, 2):
+        assert _max_diff(weights["one"][it], weights["two"][it]) <= TOLERANCE
+        assert _max_diff(weights["two"][it], weights["mixed"][it]) <= TOLERANCE
+    summaries = {run: json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")}
+    assert summaries["two"]["processes"] == 2 and summaries["one"]["base"] == summaries["two"]["base"]
+
+
 LLM_SCRIPT = textwrap.dedent('''
     import sys
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast

@@ -1,4 +1,5 @@
-"""Files shipped inside the package: the pretrained Shapes base model (diffusers format)."""
+"""Files shipped inside the package: the pretrained Shapes base models (diffusers format)."""
 from pathlib import Path
 
-SHAPES_MODEL = Path(__file__).parent / "shapes-base"
+SHAPES_MODEL = Path(__file__).parent / "shapes-base"  # flow matching (StableDiffusion3Pipeline)
+SHAPES_MDM = Path(__file__).parent / "shapes-mdm"  # masked diffusion (AmusedPipeline + its schedule)

@@ -389,6 +389,10 @@ class FlowPolicy:
         return torch.cat([self.family.decode(self.pipe, latents[s : s + self.micro_batch], self.height, self.width)
                           for s in range(0, latents.shape[0], self.micro_batch)])
 
+    def eval_noise(self, n: int, generator: torch.Generator) -> Tensor:
+        """Initial latents [n, ...] of evaluation images."""
+        return torch.randn((n, *self.latent_shape()), generator=generator)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], *, num_steps: int, guidance: float, generator: torch.Generator | None = None,
                  x_init: Tensor | None = None) -> Tensor:

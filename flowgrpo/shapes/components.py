@@ -11,7 +11,7 @@ All three are ordinary diffusers/transformers classes with weights set by hand, 
   before it, and its MLP adds random nonlinear features of each bigram; layer 2 averages causally so
   the pooled EOS vector is a bag of bigram features ("red circle, blue square" != "blue circle, red square").
   LayerNorms are made (near) identity by a huge eps with matching gain, on zero-mean features.
-- VAE: an AutoencoderKL that is an exact identity (one block, no downsampling). GroupNorm+SiLU
+- VAE: an AutoencoderKL (or VQModel) that is an exact identity (one block, no downsampling). GroupNorm+SiLU
   are passed through by pairing each signal channel with its negation and two large constant
   channels in the same group, so the group mean is exactly 0 and the std is data-independent.
 """
@@ -122,14 +122,22 @@ def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModelWith
 @torch.no_grad()
 def build_identity_vae(scaling_factor: float, latent_channels: int = 3, big: float = 1000.0, lift: float = 20.0) -> AutoencoderKL:
     """An AutoencoderKL whose encode (mode) and decode are both the identity (see module docstring)."""
-    C = 4 * latent_channels  # per signal channel: [x, -x, +big, -big] in one GroupNorm group
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(C,), layers_per_block=1, norm_num_groups=latent_channels,
+        block_out_channels=(4 * latent_channels,), layers_per_block=1, norm_num_groups=latent_channels,
         mid_block_add_attention=False, scaling_factor=scaling_factor, shift_factor=0.0,
     ).eval()
-    for p in vae.parameters():
+    make_identity(vae, latent_channels, big, lift)
+    vae.encoder.conv_out.bias[latent_channels:] = -30.0  # log-variance: std ~ 3e-7
+    return vae
+
+
+@torch.no_grad()
+def make_identity(model, latent_channels: int, big: float = 1000.0, lift: float = 20.0) -> None:
+    """Set a one-block diffusers autoencoder (AutoencoderKL or VQModel, block width 4 x latent_channels, one GroupNorm
+    group per latent channel) to encode and decode as the identity (see module docstring)."""
+    for p in model.parameters():
         p.zero_()
     std = (big**2 / 2) ** 0.5  # GroupNorm std of a group: sqrt((big^2 + E[x^2]) / 2) ~= big / sqrt(2)
 
@@ -151,15 +159,13 @@ def build_identity_vae(scaling_factor: float, latent_channels: int = 3, big: flo
             conv.weight[k, 4 * k, 1, 1] = 0.5
             conv.weight[k, 4 * k + 1, 1, 1] = -0.5
 
-    enc, dec = vae.encoder, vae.decoder
+    enc, dec = model.encoder, model.decoder
     lift_in(enc.conv_in)
     pass_norm(enc.conv_norm_out)
     lower_out(enc.conv_out, latent_channels)
-    enc.conv_out.bias[latent_channels:] = -30.0  # log-variance: std ~ 3e-7
     lift_in(dec.conv_in)
     pass_norm(dec.conv_norm_out)
     lower_out(dec.conv_out, 3)
-    for conv in (vae.quant_conv, vae.post_quant_conv):
+    for conv in (model.quant_conv, model.post_quant_conv):
         conv.weight.copy_(torch.eye(conv.in_channels)[:, :, None, None])
     # Every ResNet block becomes the identity: its residual branch ends in a zero conv.
-    return vae

@@ -1,4 +1,5 @@
-"""Pretrain the Shapes base model: flow matching on rendered images, frozen text encoders and VAE."""
+"""Pretrain the Shapes base model: flow matching on rendered images, frozen text encoders and VAE (the masked
+diffusion model: `flowgrpo.shapes.mdm_pretrain`)."""
 from __future__ import annotations
 
 import copy
@@ -93,6 +94,11 @@ def load_state(out: Path, cfg: PretrainConfig) -> dict | None:
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
+    cfg = cfg.resolved()
+    if cfg.kind == "mdm":
+        from flowgrpo.shapes.mdm_pretrain import pretrain_mdm
+
+        return pretrain_mdm(cfg)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     spec = TransformerSpec(cfg.patch_size, cfg.num_layers, cfg.head_dim, cfg.heads)
