@@ -37,6 +37,17 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def _one_two_mixed(train, tmp_path) -> dict:
+    """Runs "one" (2 iterations on 1 process), "two" (on 2) and "mixed" (1 on 2 processes, resumed on 1 for the
+    second); the trained weights of each run at iterations 1 and 2."""
+    train("one", 2, 1)
+    train("two", 2, 2)
+    train("mixed", 1, 2)
+    train("mixed", 2, 1)
+    return {run: {it: load_file(tmp_path / run / "checkpoints" / f"iter-00000{it}" / "weights.safetensors")
+                  for it in (1, 2)} for run in ("one", "two", "mixed")}
+
+
 @pytest.mark.slow
 def test_flow_trainer_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
     """At a learning rate of 1e-4: a process evaluates the branch points of its own groups, so 1 and 2 processes
@@ -54,12 +65,7 @@ def test_flow_trainer_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
               "--eval-images-per-prompt", "2", "--eval-every", "100", "--save-every", "1", "--max-minutes", "0",
               "--lr", "1e-4", "--log-with", ""], processes, tmp_path)
 
-    train("one", 2, 1)
-    train("two", 2, 2)
-    train("mixed", 1, 2)
-    train("mixed", 2, 1)  # resumes the 2-process checkpoint on 1 process
-    weights = {run: {it: load_file(tmp_path / run / "checkpoints" / f"iter-00000{it}" / "weights.safetensors")
-                     for it in (1, 2)} for run in ("one", "two", "mixed")}
+    weights = _one_two_mixed(train, tmp_path)
     base = load_file(SHAPES_MODEL / "transformer" / "diffusion_pytorch_model.safetensors")
     assert _max_diff(weights["one"][2], {k: base[k] for k in weights["one"][2]}) > 1e-4  # training moved the model
     for it in (1, 2):
@@ -117,18 +123,13 @@ def test_co_grpo_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
     evalf.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::60]))
 
     def train(out: str, iterations: int, processes: int) -> None:
-        # 4 prompts x 4 samples: 8 per process in 2 forward passes of 4; the model trains on 2 of the 12 steps
+        # 4 prompts x 4 samples: 8 per process in 2 forward passes of 4; the model trains on 2 of the 24 steps
         _run(["-m", "flowgrpo.cli", "train", "--preset", "shapes-mdm", "--out", out, "--iterations", str(iterations),
               "--prompts-per-iter", "4", "--group-size", "4", "--micro-batch", "4", "--train-steps", "2",
               "--judge", "shapes", "--beta", "0.05", "--eval-prompts", str(evalf), "--eval-images-per-prompt", "1",
               "--eval-every", "100", "--save-every", "1", "--lr", "1e-3", "--log-with", ""], processes, tmp_path)
 
-    train("one", 2, 1)
-    train("two", 2, 2)
-    train("mixed", 1, 2)
-    train("mixed", 2, 1)  # resumes the 2-process checkpoint on 1 process
-    weights = {run: {it: load_file(tmp_path / run / "checkpoints" / f"iter-00000{it}" / "weights.safetensors")
-                     for it in (1, 2)} for run in ("one", "two", "mixed")}
+    weights = _one_two_mixed(train, tmp_path)
     assert {k.split(".")[0] for k in weights["one"][2]} == {"transformer", "schedule"}
     start = SchedulePolicy.from_pretrained(SHAPES_MDM / "schedule")
     assert not torch.equal(weights["one"][2]["schedule.mean"], start.mean.detach())  # training moved the schedule
