@@ -7,7 +7,7 @@ equal wall-clock, each final model re-evaluated on fresh images.
     #    result), seeds 0 and 1, two runs at a time on one thread each; then every final model and the base model
     #    re-evaluated on 300 test entries x 4 images with evaluation seed 4321, the report and the schedule plot
     HF_HUB_OFFLINE=1 python benchmarks/co_grpo.py race --budget model=N1,schedule=N2,joint=N3 --seeds 0 1 \
-        --out runs/co_grpo --results benchmarks/results/co_grpo
+        --out runs/co_grpo --results benchmarks/results/co_grpo/race
 
 `race` skips runs already finished (their `summary.json`), so a stopped race resumes. Writes `{results}.md`,
 `{results}.json` and `{results}_schedule.png` (each learned schedule against the default, step by step).
@@ -193,7 +193,8 @@ def main() -> None:
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     r.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each when > 1)")
     r.add_argument("--images-per-prompt", type=int, default=4)
-    r.add_argument("--results", default="benchmarks/results/co_grpo")
+    r.add_argument("--results", default="benchmarks/results/co_grpo/race",
+                   help="path prefix of the report: PREFIX.md, PREFIX.json, PREFIX_schedule.png")
     for p in (m, r):
         p.add_argument("--out", type=Path, default=Path("runs/co_grpo"))
     args = ap.parse_args()
