@@ -18,11 +18,10 @@ from flowgrpo.policies.mdm import MaskedDiffusionPolicy
 from flowgrpo.policies.schedule import SchedulePolicy
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.rewards.shapes import to_uint8
-from flowgrpo.shapes import world as W
 from flowgrpo.shapes.data import tag_balanced_indices
 from flowgrpo.shapes.mdm_model import MASK_ID, MDMSpec, build_mdm_pipeline, palette_tokens
 from flowgrpo.shapes.pretrain_config import PretrainConfig
-from flowgrpo.shapes.pretrain_loop import PretrainRun, load_state, score
+from flowgrpo.shapes.pretrain_loop import PretrainRun, load_state, mini_eval_entries, score
 from flowgrpo.shapes.render import render
 
 
@@ -61,7 +60,7 @@ def mask_tokens(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def quick_eval(policy: MaskedDiffusionPolicy, test: list[dict], per_tag: int, seed: int = 0) -> dict:
     """Accuracy on the first `per_tag` test entries of every tag, one image each, under the policy's schedule."""
-    picked = [e for tag in W.TAGS for e in [x for x in test if x["tag"] == tag][:per_tag]]
+    picked = mini_eval_entries(test, per_tag)
     return score(picked, to_uint8(policy.generate([e["prompt"] for e in picked],
                                                  generator=torch.Generator().manual_seed(seed))))
 

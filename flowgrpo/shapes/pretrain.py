@@ -17,17 +17,17 @@ from flowgrpo.shapes import world as W
 from flowgrpo.shapes.data import render_batch, tag_balanced_indices
 from flowgrpo.shapes.model import LATENT_SCALE, MAX_SEQUENCE_LENGTH, TransformerSpec, build_pipeline, encode_prompts
 from flowgrpo.shapes.pretrain_config import PretrainConfig
-from flowgrpo.shapes.pretrain_loop import STATE_FILE, PretrainRun, load_state, score
+from flowgrpo.shapes.pretrain_loop import STATE_FILE, PretrainRun, load_state, mini_eval_entries, score
 from flowgrpo.shapes.sampling import conditioning_probe, ode_sample
 
 __all__ = ["STATE_FILE", "PretrainConfig", "pretrain", "quick_eval"]
 
 
 @torch.no_grad()
-def quick_eval(transformer, cache, neg, test: list[dict], cfg: PretrainConfig, steps: int, guidance: float,
-               per_tag: int, seed: int = 0) -> dict:
+def quick_eval(transformer, cache, neg, test: list[dict], steps: int, guidance: float, per_tag: int,
+               seed: int = 0) -> dict:
     """Accuracy on the first `per_tag` test entries of every tag, one image each."""
-    picked = [e for tag in W.TAGS for e in [x for x in test if x["tag"] == tag][:per_tag]]
+    picked = mini_eval_entries(test, per_tag)
     embeds = torch.cat([cache[e["prompt"]][0] for e in picked])
     pooled = torch.cat([cache[e["prompt"]][1] for e in picked])
     sig = flow_sigmas({"num_train_timesteps": 1000, "shift": 1.0}, steps)
@@ -94,7 +94,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     def measure() -> dict:
         record = {f"probe_t{t}": conditioning_probe(ema, probe_lat, probe_e, probe_p, t=t) for t in (0.5, 0.9)}
-        record["eval"] = quick_eval(ema, cache, neg, test, cfg, cfg.eval_steps, cfg.eval_cfg, cfg.eval_per_tag)
+        record["eval"] = quick_eval(ema, cache, neg, test, cfg.eval_steps, cfg.eval_cfg, cfg.eval_per_tag)
         return record
 
     def save_checkpoint(ckpt: Path) -> None:

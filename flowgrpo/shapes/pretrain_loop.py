@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from flowgrpo.shapes import world as W
 from flowgrpo.shapes.pretrain_config import RUN_CONTROL, PretrainConfig
 from flowgrpo.shapes.sampling import summarize
 from flowgrpo.shapes.verify import verify
@@ -50,6 +51,11 @@ def load_state(out: Path, cfg: PretrainConfig) -> dict | None:
     if changed:
         raise ValueError(f"--resume must keep the run's options; changed: {', '.join(changed)}")
     return state
+
+
+def mini_eval_entries(test: list[dict], per_tag: int) -> list[dict]:
+    """The first ``per_tag`` test entries of every tag: what a checkpoint's mini-evaluation draws, one image each."""
+    return [e for tag in W.TAGS for e in [x for x in test if x["tag"] == tag][:per_tag]]
 
 
 def score(entries: list[dict], images: np.ndarray) -> dict:
