@@ -79,7 +79,7 @@ def pretrain_mdm(cfg: PretrainConfig) -> Path:
                                       remask=cfg.eval_remask)
     policy = MaskedDiffusionPolicy(pipe, schedule, micro_batch=64, mode="schedule")
 
-    def loss_at(step: int) -> torch.Tensor:
+    def next_loss() -> torch.Tensor:
         idx = tag_balanced_indices(train, cfg.batch_size, rng)
         x0 = palette_tokens(np.stack([render(train[i], rng) for i in idx])).flatten(1)
         prompts = [train[i]["prompt"] for i in idx]
@@ -90,5 +90,5 @@ def pretrain_mdm(cfg: PretrainConfig) -> Path:
         logits = model(x_in, encoder_hidden_states=hidden, pooled_text_emb=pooled, micro_conds=micro)
         return torch.nn.functional.cross_entropy(logits.flatten(2).transpose(1, 2)[mask], x0[mask])
 
-    return run.train("pretrain mdm", loss_at, lambda: {"eval": quick_eval(policy, test, cfg.eval_per_tag)},
+    return run.train("pretrain mdm", next_loss, lambda: {"eval": quick_eval(policy, test, cfg.eval_per_tag)},
                      lambda ckpt: policy.save(ckpt))

@@ -78,7 +78,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     probe_e = torch.cat([cache[train[i]["prompt"]][0] for i in probe_idx])
     probe_p = torch.cat([cache[train[i]["prompt"]][1] for i in probe_idx])
 
-    def loss_at(step: int) -> torch.Tensor:
+    def next_loss() -> torch.Tensor:
         idx = tag_balanced_indices(train, cfg.batch_size, rng)
         x0 = render_batch(train, idx, rng) * LATENT_SCALE
         embeds, pooled = train_embeds[idx].clone(), train_pooled[idx].clone()
@@ -103,4 +103,4 @@ def pretrain(cfg: PretrainConfig) -> Path:
         pipe.transformer = model
         (ckpt / MODEL_OPTIONS_FILE).write_text(json.dumps({"family_options": {"max_sequence_length": MAX_SEQUENCE_LENGTH}}))
 
-    return run.train("pretrain", loss_at, measure, save_checkpoint)
+    return run.train("pretrain", next_loss, measure, save_checkpoint)

@@ -109,9 +109,9 @@ class PretrainRun:
                     "config": asdict(self.cfg)}, tmp)
         tmp.replace(self.out / STATE_FILE)
 
-    def train(self, desc: str, loss_at: Callable[[int], torch.Tensor], measure: Callable[[], dict],
+    def train(self, desc: str, next_loss: Callable[[], torch.Tensor], measure: Callable[[], dict],
               save_checkpoint: Callable[[Path], None]) -> Path:
-        """Steps ``first`` .. ``steps``: ``loss_at(step)`` draws a batch from the run's generators and returns its loss;
+        """Steps ``first`` .. ``steps``: ``next_loss()`` draws a batch from the run's generators and returns its loss;
         every ``eval_every`` steps ``measure()`` adds to the record and ``save_checkpoint(dir)`` writes the EMA
         pipeline; ``max_minutes`` stops this invocation cleanly."""
         cfg = self.cfg
@@ -119,7 +119,7 @@ class PretrainRun:
             start = time.time()
             bar = tqdm(range(self.first, cfg.steps), desc=desc, mininterval=5, initial=self.first, total=cfg.steps)
             for step in bar:
-                loss = loss_at(step)
+                loss = next_loss()
                 self.update(loss, step)
                 if step % 50 == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
