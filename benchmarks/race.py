@@ -119,8 +119,13 @@ def summarise(args, timing: dict, fresh: dict, runs: dict) -> str:
     from flowgrpo.eval.plots import line_plot
     from flowgrpo.shapes.world import TAGS
 
-    lines = ["| strategy | s / iteration | iterations | overall | gain | " + " | ".join(TAGS) +
-             " | spare objects | malformed |", "|---" * (8 + len(TAGS)) + "|"]
+    lines = ["| strategy | s / iteration | iterations | overall | gain | two_object + position gain | " +
+             " | ".join(TAGS) + " | spare objects | malformed |", "|---" * (8 + len(TAGS)) + "|"]
+    b0 = fresh[f"base-seed{args.seeds[0]}"]
+    lines.append(f"| base | – | 0 | {100 * b0['accuracy']['overall']:.1f} ± {100 * b0['stderr']['overall']:.1f} | – | – | "
+                 + " | ".join(f"{100 * b0['accuracy'][t]:.1f}" for t in TAGS) +
+                 f" | {100 * statistics.mean(b0['spares'].values()):.1f}% | {100 * b0['malformed']:.1f}% |")
+    composition = ("two_object", "position")
     curves, table = {}, {}
     for name in STRATEGIES:
         seeds = [s for s in args.seeds if f"{name}-seed{s}" in fresh]
@@ -131,12 +136,15 @@ def summarise(args, timing: dict, fresh: dict, runs: dict) -> str:
         overall = mean_se([100 * r["accuracy"]["overall"] for r in res])
         gain = mean_se([100 * (r["accuracy"]["overall"] - b) for r, b in zip(res, base)])
         tags = [mean_se([100 * r["accuracy"][t] for r in res]) for t in TAGS]
+        compo = mean_se([100 * sum(r["accuracy"][t] - fresh[f"base-seed{s}"]["accuracy"][t] for t in composition)
+                         for r, s in zip(res, seeds)])
         spares = statistics.mean(statistics.mean(r["spares"].values()) for r in res)
         malformed = statistics.mean(r["malformed"] for r in res)
-        table[name] = {"overall": overall, "gain": gain, "tags": dict(zip(TAGS, tags)), "spares": spares,
-                       "malformed": malformed, "seconds_per_iteration": timing[name], "seeds": seeds}
+        table[name] = {"overall": overall, "gain": gain, "composition_gain": compo, "tags": dict(zip(TAGS, tags)),
+                       "spares": spares, "malformed": malformed, "seconds_per_iteration": timing[name], "seeds": seeds}
         lines.append(f"| {name} | {timing[name]:.2f} | {runs[name]['iterations']} | {overall[0]:.1f} ± {overall[1]:.1f}"
-                     f" | {gain[0]:+.1f} ± {gain[1]:.1f} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in tags) +
+                     f" | {gain[0]:+.1f} ± {gain[1]:.1f} | {compo[0]:+.1f} ± {compo[1]:.1f} | "
+                     + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in tags) +
                      f" | {100 * spares:.1f}% | {100 * malformed:.1f}% |")
         evals = [json.loads((args.out / f"{name}-seed{s}" / "summary.json").read_text()) for s in seeds]
         history = [json.loads(max((args.out / f"{name}-seed{s}" / "checkpoints").glob("iter-*/state.json"),
