@@ -35,7 +35,8 @@ def train_command(out: Path, mode: str, seed: int, iterations: int, eval_file: P
     """`flowgrpo train` of the preset in one mode; its own evaluations only on a few entries (the race re-evaluates)."""
     return [sys.executable, "-m", "flowgrpo.cli", "train", "--preset", "shapes-mdm", "--co-mode", mode,
             "--seed", str(seed), "--iterations", str(iterations), "--eval-every", str(iterations), "--out", str(out),
-            "--eval-prompts", str(eval_file), "--eval-images-per-prompt", "1", "--log-with", ""]
+            "--eval-prompts", str(eval_file), "--eval-images-per-prompt", "1", "--log-with", "",
+            "--save-every", "10"]  # a stopped race loses little
 
 
 def small_eval_file(out: Path) -> Path:

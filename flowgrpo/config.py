@@ -211,8 +211,10 @@ PRESETS: dict[str, dict] = {
     # the verifier as a pairwise judge (on a par with pointwise advantages in BENCHMARKS.md).
     "shapes": dict(judge="shapes"),
     # The shipped Shapes masked diffusion model with Co-GRPO (model and schedule jointly; --co-mode model|schedule).
+    # Learning rates: one update at 1e-4 / 0.1 lowered the log-prob of every sampled trajectory, those with positive
+    # advantages too (an overshoot: training reward fell); at 1e-5 / 1e-2 it moves each along its advantage.
     "shapes-mdm": dict(model=str(SHAPES_MDM), num_steps=24, prompts_per_iter=8, group_size=6, micro_batch=24,
-                       train_steps=4, lr=1e-4, schedule_lr=0.1, beta=0.0, iterations=100, eval_every=50,
+                       train_steps=4, lr=1e-5, schedule_lr=1e-2, beta=0.0, iterations=100, eval_every=50,
                        out="runs/shapes-mdm"),
     # Real models read from a local directory (pass --model PATH); values follow Flow-GRPO's GenEval recipes.
     "sd35-medium": dict(model="", strategy="flow_grpo", sde_steps=0, precision="bf16", height=512, width=512,

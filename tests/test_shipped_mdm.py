@@ -45,3 +45,42 @@ def test_eval_geneval_reproduces_the_recorded_base_accuracy(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     for tag, acc in recorded["accuracy"].items():  # same seeds and maths; float rounding may flip an image
         assert abs(result["accuracy"][tag] - acc) <= 0.02, (tag, result["accuracy"][tag], acc)
+
+
+def _trained_log_probs(task, ro, mask, micro_batch: int) -> torch.Tensor:
+    """[b, 2T] log-probs of the rollout's columns under the current parameters, 0 where ``mask`` is 0."""
+    out = torch.zeros_like(mask)
+    with torch.no_grad():
+        for chunk in task.policy.chunks(ro, slice(0, len(ro)), micro_batch):
+            cols = torch.arange(chunk.cols.start, chunk.cols.stop, chunk.cols.step or 1)
+            out[chunk.rows[:, None], cols[None]] = task.policy.log_prob(ro, chunk)[0]
+    return out * mask
+
+
+@pytest.mark.parametrize("mode", ["model", "schedule"])
+def test_one_update_at_the_preset_learning_rates_moves_each_trajectory_along_its_advantage(tmp_path, mode):
+    """The shapes-mdm preset's learning rates are small enough that one update raises the log-prob of the
+    trajectories with positive advantages and lowers the others' (at 10x them everything fell: an overshoot)."""
+    from flowgrpo.config import make_config
+    from flowgrpo.prompts.loaders import load_prompts
+    from flowgrpo.rewards import build_reward
+    from flowgrpo.train import draw_prompts, make_task
+    from flowgrpo.trainer import Trainer, settings_json
+    from flowgrpo.update import ppo_update
+    from tests.helpers import single
+
+    cfg = make_config("shapes-mdm", overrides=dict(co_mode=mode, prompts_per_iter=4, group_size=6, micro_batch=24,
+                                                   out=str(tmp_path), log_with="", save_every=0))
+    task, optimizer = make_task(cfg, single(), build_reward(cfg.reward, **cfg.reward_options), None)
+    trainer = Trainer(task, cfg, single(), config_json=settings_json(cfg), optimizer=optimizer)
+    plan = trainer.plan(draw_prompts(load_prompts(cfg.prompts), cfg, 0))
+    ro = task.rollout(plan)
+    adv = task.advantages(ro, task.score(ro, plan), plan, trainer)
+    batch = task.update_batch(ro, adv)
+    before = _trained_log_probs(task, ro, batch.mask, cfg.micro_batch)
+    ppo_update(task.policy, trainer.optimizer, trainer.module, batch, cfg, trainer.layout, trainer.dist)
+    moved = (_trained_log_probs(task, ro, batch.mask, cfg.micro_batch) - before).sum(dim=1)
+    a = adv.advantages
+    assert (a > 0).any() and (a < 0).any()
+    assert moved[a > 0].mean() > 0 > moved[a < 0].mean(), (moved, a)
+    assert torch.corrcoef(torch.stack([moved, a]))[0, 1] > 0.3
