@@ -11,8 +11,8 @@ equal wall-clock, each final model re-evaluated on fresh images.
 
 `race` skips runs already finished (their `summary.json`), so a stopped race resumes, and quotes the seconds per
 iteration of `--measured` (the committed `benchmarks/results/co_grpo/measured.json` unless given), since its own
-runs share the machine. Writes `{results}.md`,
-`{results}.json` and `{results}_schedule.png` (each learned schedule against the default, step by step).
+runs share the machine. Writes `{results}.md`, `{results}.json` and `{results}_schedule.png` (each learned schedule
+against the default, step by step).
 """
 from __future__ import annotations
 
