@@ -38,7 +38,7 @@ class GRPOConfig(GRPOSettings):
     clip_low: float = opt(0.2, "PPO clip: lower epsilon")
     clip_high: float = opt(0.2, "PPO clip: upper epsilon")
     beta: float = opt(0.0, "k3 KL coefficient; 0 = the reference is never run")
-    lr: float = opt(1e-6, "AdamW learning rate")
+    lr: float = opt(1e-6, "learning rate")
     save_every: int = opt(0, "steps between checkpoints in out (0 = only at the end of train())")
     # rewards and sampling
     reward_weights: tuple = opt(None, "one weight per reward function (None = equal sum)")

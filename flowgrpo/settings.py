@@ -15,6 +15,8 @@ import torch
 from flowgrpo.core import ADVANTAGES, AGGREGATIONS
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
+SGD_MOMENTUM = 0.9
 
 
 class ConfigError(ValueError):
@@ -95,12 +97,15 @@ class GRPOSettings:
     clip_low: float = opt(1e-3, "PPO clip: lower epsilon of the importance ratio")
     clip_high: float = opt(1e-3, "PPO clip: upper epsilon of the importance ratio")
     beta: float = opt(0.02, "KL to the reference model; 0 never runs the reference")
-    # optimizer (AdamW)
-    lr: float = opt(3e-5, "AdamW learning rate")
+    # optimizer
+    optim: str = opt("adamw", f"optimizer: adamw, or sgd (momentum {SGD_MOMENTUM}; weight_decay is then an L2 term): "
+                              "SGD's step is linear in the gradient, so runs whose gradients differ only in rounding "
+                              "(1 vs N processes) stay as close as their gradients")
+    lr: float = opt(3e-5, "learning rate")
     lr_schedule: str = opt("constant", "learning rate over the budget: constant, linear or cosine decay to "
                                        "lr_final x lr")
     lr_final: float = opt(0.1, "the decaying schedules end at this fraction of lr")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    weight_decay: float = opt(0.0, "weight decay")
     grad_clip: float = opt(1.0, "gradient-norm clip; 0 = none")
     max_unscorable: int = opt(3, "stop with an error after this many consecutive iterations in which no sample could "
                                  "be scored (every reward NaN, e.g. a reward server that is down); their updates are "
@@ -138,6 +143,8 @@ class GRPOSettings:
             raise ConfigError(f"clip_low must be in [0, 1), got {self.clip_low}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"optim {self.optim!r} is not one of {OPTIMIZERS}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         if not 0 <= self.lr_final <= 1:
@@ -162,6 +169,12 @@ class GRPOSettings:
             raise ConfigError(f"{what}: each of {processes} process(es) holds {rows} samples per optimizer step "
                               f"(optimizer_steps={steps}), not a multiple of micro_batch={self.micro_batch}")
         return BatchLayout(n, processes, steps, micro)
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The configured optimizer over ``params`` (tensors, or param groups with their own lr)."""
+        if self.optim == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=SGD_MOMENTUM, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
     def scheduled_lr(self, progress: float) -> float:
         """The learning rate at ``progress`` in [0, 1] of the budget: constant, or a linear / cosine decay from lr

@@ -61,13 +61,12 @@ def load_policy(cfg: TrainConfig, device: torch.device | str = "cpu") -> FlowPol
 
 
 def make_task(cfg: TrainConfig, dist: Dist, reward_fn, judge) -> tuple[FlowTask | MDMTask, torch.optim.Optimizer | None]:
-    """The model's task, and its optimizer when the trainer's default (AdamW at lr on every trained parameter) does
-    not fit: a masked diffusion model's schedule trains at schedule_lr."""
+    """The model's task, and its optimizer when the trainer's default (the configured one at lr on every trained
+    parameter) does not fit: a masked diffusion model's schedule trains at schedule_lr."""
     if not is_mdm(cfg.model):
         return FlowTask(load_policy(cfg, dist.device), cfg, reward_fn, judge, STRATEGIES[cfg.strategy](cfg)), None
     policy = load_mdm_policy(cfg, cfg.layout(dist.world_size).micro_batch, dist.device)
-    optimizer = torch.optim.AdamW(policy.param_groups(cfg.schedule_lr, cfg.lr), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = cfg.make_optimizer(policy.param_groups(cfg.schedule_lr, cfg.lr))
     return MDMTask(policy, cfg, reward_fn, judge), optimizer
 
 

@@ -91,8 +91,7 @@ class Trainer:
             raise ValueError("sharding='fsdp' replaces the parameters: let the trainer make the optimizer")
 
         def make_optimizer() -> torch.optim.Optimizer:
-            return optimizer or torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr,
-                                                  weight_decay=cfg.weight_decay)
+            return optimizer or cfg.make_optimizer(policy.trainable_parameters())
 
         self.module, self.optimizer = dist.prepare(policy.trainable_module(), make_optimizer, sharding=cfg.sharding,
                                                    units=policy.shard_units())
