@@ -1,6 +1,7 @@
 """SIGKILL at any instant — several of them inside a checkpoint save — never loses more than the work since the last
 complete checkpoint and never leaves a run that cannot resume: killed 10 times and rerun each time, a training run
 ends with bit-identical parameters to a run that was never interrupted (CPU, fp32), for the flow and the LLM trainer."""
+import json
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import torch
 
 from flowgrpo.checkpoint import CheckpointDir, read_training
 from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
+from flowgrpo.prompts.shapes import load_split
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
@@ -83,17 +85,31 @@ def _flat(obj, prefix=""):
     return {prefix: obj}
 
 
+def uninterrupted(cmd: list[str], cwd) -> subprocess.Popen:
+    """The reference run, on the other core while the killed one runs."""
+    return subprocess.Popen(cmd, env=ENV, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+
 @pytest.mark.slow
 def test_flow_run_killed_ten_times_ends_as_if_never_interrupted(tmp_path):
+    evalf = tmp_path / "eval.jsonl"
+    evalf.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::60]))
+
     def cmd(out):
         return [sys.executable, "-m", "flowgrpo.cli", "train", "--out", str(out), "--iterations", "10",
                 "--prompts-per-iter", "2", "--group-size", "4", "--micro-batch", "8", "--num-steps", "3",
-                "--sde-steps", "2", "--eval-prompts", "shapes:test", "--eval-num-steps", "1",
+                "--sde-steps", "2", "--eval-prompts", str(evalf), "--eval-num-steps", "1",
                 "--eval-images-per-prompt", "1", "--eval-every", "1000", "--save-every", "1", "--max-minutes", "0",
                 "--lr", "1e-3", "--ema-decay", "0.9", "--log-with", ""]
 
-    subprocess.run(cmd(tmp_path / "straight"), env=ENV, check=True, capture_output=True, timeout=600)
+    straight = uninterrupted(cmd(tmp_path / "straight"), tmp_path)
     landed = crash_and_resume(cmd(tmp_path / "killed"), tmp_path / "killed", "flow", kills=10, seed=0, cwd=tmp_path)
+    finished(straight)
     assert landed["in_save"] >= 3, landed
     _same_final_weights(tmp_path / "straight", tmp_path / "killed", 10, ("weights.safetensors", "optimizer.pt",
                                                                         "ema.safetensors"))
@@ -126,7 +142,8 @@ def test_llm_run_killed_ten_times_ends_as_if_never_interrupted(tmp_path):
     def cmd(out):
         return [sys.executable, str(script), str(model), str(out)]
 
-    subprocess.run(cmd(tmp_path / "straight"), env=ENV, check=True, capture_output=True, timeout=600)
+    straight = uninterrupted(cmd(tmp_path / "straight"), tmp_path)
     landed = crash_and_resume(cmd(tmp_path / "killed"), tmp_path / "killed", "llm", kills=10, seed=1, cwd=tmp_path)
+    finished(straight)
     assert landed["in_save"] >= 3, landed
     _same_final_weights(tmp_path / "straight", tmp_path / "killed", 300)

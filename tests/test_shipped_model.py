@@ -1,5 +1,6 @@
 """The shipped Shapes base model: loads offline with plain diffusers, follows its prompts, reproduces its accuracy."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,14 +47,16 @@ def test_plain_diffusers_call_draws_the_prompt(pipe):
 
 
 @pytest.mark.slow
-def test_eval_geneval_reproduces_the_recorded_base_accuracy(tmp_path):
-    """BENCHMARKS.md's base accuracy comes from this exact command; the recorded result ships beside the test."""
-    from flowgrpo.cli import main
-    from pathlib import Path
+def test_eval_geneval_reproduces_the_recorded_base_accuracy():
+    """BENCHMARKS.md's base accuracy comes from the fixture's command, whose verdicts, image by image, ship beside the
+    test. A third of its images (its batches 1, 4 and 7: 192 images, every tag) are made again exactly as the whole
+    command makes them; at most 2% of them may flip (float rounding of another host can flip a borderline image)."""
+    from tests.eval_shards import command_verdicts, tag_accuracy
 
     recorded = json.loads((Path(__file__).parent / "fixtures" / "shapes_base_eval.json").read_text())
-    assert main(["eval", "geneval", *recorded["args"], "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "results.json").read_text())
-    # Same seeds and maths; only float rounding with another thread count could flip a borderline image.
-    for tag, acc in recorded["accuracy"].items():
-        assert abs(result["accuracy"][tag] - acc) <= 0.02, (tag, result["accuracy"][tag], acc)
+    assert tag_accuracy(recorded["verdicts"], recorded["args"]) == pytest.approx(recorded["accuracy"], abs=1e-12)
+    again = command_verdicts(recorded["args"], rank=1, of=3)
+    tags = {e["tag"] for i, e in enumerate(e for e in load_split("test") for _ in range(2)) if i in again}
+    assert len(again) == 192 and len(tags) == 6
+    flipped = [i for i, ok in again.items() if ok != (recorded["verdicts"][i] == "1")]
+    assert len(flipped) <= 0.02 * len(again), flipped
