@@ -166,9 +166,11 @@ def test_co_grpo_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
     evalf = _eval_file(tmp_path)
 
     def train(out: str, processes: int) -> None:
-        # 4 prompts x 4 samples: 8 per process in 2 forward passes of 4; the model trains on 2 of the 24 steps
+        # 2 prompts x 4 samples in 2 optimizer steps, each one group split over the processes; the model trains on
+        # 2 of the 24 steps
         _run(["-m", "flowgrpo.cli", "train", "--preset", "shapes-mdm", "--out", out, "--iterations", "2",
-              "--prompts-per-iter", "4", "--group-size", "4", "--micro-batch", "4", "--train-steps", "2",
+              "--prompts-per-iter", "2", "--group-size", "4", "--optimizer-steps", "2", "--micro-batch", "2",
+              "--train-steps", "2",
               "--judge", "shapes", "--beta", "0.05", "--eval-prompts", str(evalf), "--eval-images-per-prompt", "1",
               "--eval-every", "100", "--save-every", "1", "--optim", "sgd", "--lr", "1e-1", "--schedule-lr", "1e-1",
               "--log-with", ""], processes, tmp_path)

@@ -109,32 +109,34 @@ def test_an_unscorable_iteration_is_skipped_and_too_many_in_a_row_stop_the_run(t
     assert any(not torch.equal(w2[k], w3[k]) for k in w2)  # a scored one does
 
 
-def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model, tmp_path):
-    """The second run may write small files only (RLIMIT_FSIZE, as on a full disk: EFBIG instead of ENOSPC): its
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model, tmp_path, capsys):
+    """A run that may write small files only (RLIMIT_FSIZE, as on a full disk: EFBIG instead of ENOSPC): its
     first checkpoint fails with a one-line error, and the first run's checkpoint stays complete and resumable."""
     evalp = tmp_path / "eval.jsonl"
     evalp.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::60]))
-    args = [sys.executable, "-m", "flowgrpo.cli", "train", "--model", str(tiny_model), "--out", str(tmp_path / "run"),
-            "--prompts-per-iter", "2", "--group-size", "4", "--micro-batch", "8", "--num-steps", "3",
-            "--eval-prompts", str(evalp), "--eval-num-steps", "1", "--eval-images-per-prompt", "1",
-            "--eval-every", "100", "--save-every", "1", "--log-with", "", "--max-minutes", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    subprocess.run(args + ["--iterations", "1"], env=env, check=True, capture_output=True, timeout=300)
+    options = dict(prompts_per_iter=2, group_size=4, micro_batch=8, num_steps=3, eval_prompts=str(evalp),
+                   eval_num_steps=1)
+    train(_cfg(tiny_model, tmp_path / "run", iterations=1, **options))
     weights = (tmp_path / "run" / "checkpoints" / "iter-000001" / "weights.safetensors").stat().st_size
 
     def small_files_only():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write then fails with EFBIG, like ENOSPC
         resource.setrlimit(resource.RLIMIT_FSIZE, (weights // 2, weights // 2))
 
-    done = subprocess.run(args + ["--iterations", "2"], env=env, capture_output=True, text=True, timeout=300,
-                          preexec_fn=small_files_only)
+    args = [sys.executable, "-m", "flowgrpo.cli", "train", "--model", str(tiny_model), "--out", str(tmp_path / "run"),
+            "--iterations", "2", "--log-with", "", "--max-minutes", "0", "--save-every", "1",
+            "--eval-images-per-prompt", "1", "--eval-every", "100", "--sde-steps", "2"]
+    args += [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_files_only)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("flowgrpo train: error: could not write checkpoint") and "iter-000002" in last
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["iter-000001"]
     assert read_training(tmp_path / "run" / "checkpoints" / "iter-000001", kind="flow").state.iteration == 1
-    again = subprocess.run(args + ["--iterations", "2"], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "resumed from" in again.stderr + again.stdout
+    capsys.readouterr()
+    train(_cfg(tiny_model, tmp_path / "run", iterations=2, **options))
+    assert "resumed from" in capsys.readouterr().out
 
 
 class GoesDown(Reward):
