@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from flowgrpo.config import make_config
+from flowgrpo.media import to_uint8
 from flowgrpo.prompts.loaders import load_prompts
-from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.samplers.rollout import group_noise
 from flowgrpo.samplers.steps import SDE_STEPS
 from flowgrpo.shapes.verify import verify

@@ -111,7 +111,7 @@ def reevaluate(models: dict[str, Path], cache: Path, images_per_prompt: int) -> 
     """GenEval accuracy of every model on the test split with the fresh evaluation seed (cached per model)."""
     from flowgrpo.eval.geneval import evaluate
     from flowgrpo.prompts.loaders import load_prompts
-    from flowgrpo.sample import load_policy_for_sampling
+    from flowgrpo.policies.generator import load_policy_for_sampling
 
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     entries = load_prompts("shapes:test")

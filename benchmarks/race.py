@@ -101,7 +101,7 @@ def reevaluate(models: dict[str, Path], out: Path, n: int, seed: int) -> dict:
         return json.loads(out.read_text())
     from flowgrpo.eval.geneval import evaluate
     from flowgrpo.prompts.loaders import load_prompts
-    from flowgrpo.sample import load_policy_for_sampling
+    from flowgrpo.policies.generator import load_policy_for_sampling
 
     entries = load_prompts("shapes:test")
     results = {name: evaluate(load_policy_for_sampling(str(path), batch=64), entries, images_per_prompt=n,

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from flowgrpo.eval.geneval import evaluate, markdown_table, report_markdown
+from flowgrpo.policies.generator import load_policy_for_sampling
 from flowgrpo.prompts.loaders import load_prompts
-from flowgrpo.sample import load_policy_for_sampling
 
 
 def main() -> None:

@@ -31,9 +31,9 @@ import torch
 from flowgrpo.config import make_config
 from flowgrpo.distributed import Dist
 from flowgrpo.flow_task import FlowTask
+from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.loaders import load_prompts
 from flowgrpo.rewards import Reward, build_judge, build_reward, register_reward
-from flowgrpo.shapes.model import TransformerSpec, build_pipeline
 from flowgrpo.strategies import STRATEGIES
 from flowgrpo.train import draw_prompts, load_policy
 from flowgrpo.trainer import Trainer, settings_json

@@ -38,7 +38,8 @@ def register_unigenbench(eval_subparsers: argparse._SubParsersAction) -> None:
                    help="UniGenBench CSV (index,prompt_en|zh,sub_dims_en|zh) or 'shapes' for the Shapes test split")
     p.add_argument("--out", required=True, help="output folder (images/, progress.jsonl, results.csv, summary.json, report.md, grids/)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="model path for flowgrpo.sample.load_generator (default: the shipped Shapes base model)")
+    src.add_argument("--model", help="local diffusers pipeline directory to generate with (default: the shipped Shapes "
+                     "base model)")
     src.add_argument("--images", help="judge existing images DIR/{index}_{j}.png instead of generating")
     p.add_argument("--n", type=_positive_int, default=4, help="images per prompt (default 4, as in UniGenBench)")
     p.add_argument("--limit", type=_positive_int, help="only the first K prompts")
@@ -80,11 +81,8 @@ def _judge(args: argparse.Namespace):
 
 
 def _generator(args: argparse.Namespace):
-    try:
-        from flowgrpo.sample import load_generator
-    except ImportError as err:
-        raise ValueError(f"generating images needs flowgrpo.sample.load_generator, which this install lacks ({err}); "
-                         "generate the images elsewhere and pass --images DIR") from None
+    from flowgrpo.policies.generator import load_generator
+
     model = args.model
     if model is None:
         from flowgrpo.assets import SHAPES_MODEL

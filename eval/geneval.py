@@ -1,6 +1,6 @@
 """GenEval-style evaluation: per-tag accuracy with standard errors, JSON + markdown report and an image grid with
 pass/fail borders. Images are scored by the exact Shapes verifier, or by any scorer returning its `Verdict`
-(`flowgrpo.eval.geneval_detector.GenevalScorer` for real GenEval classes)."""
+(`flowgrpo.rewards.geneval_detector.GenevalScorer` for real GenEval classes)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,8 @@ from torchmetrics import Metric
 
 from flowgrpo.eval.grid import FAIL, PASS, image_grid
 from flowgrpo.eval.sampling import sharded_samples
+from flowgrpo.media import to_uint8
 from flowgrpo.prompts.loaders import ordered_tags
-from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.shapes import world as W
 from flowgrpo.shapes.verify import REQUIREMENT_KINDS, background_noise, spare_objects, verify
 
@@ -54,7 +54,7 @@ def check_shapes_metadata(entries: list[dict]) -> None:
     if unknown:
         raise ValueError(f"the bundled verifier knows the Shapes classes {W.SHAPES} only; this metadata asks for "
                          f"{unknown[:5]}{'...' if len(unknown) > 5 else ''}. Real GenEval classes need a COCO detector "
-                         "and CLIP: flowgrpo.eval.geneval_detector.GenevalScorer.")
+                         "and CLIP: flowgrpo.rewards.geneval_detector.GenevalScorer.")
 
 
 def prompt_diversity(images: list[np.ndarray], entries: list[dict]) -> float:

@@ -12,7 +12,7 @@ def run_geneval_command(args: argparse.Namespace) -> int:
     from flowgrpo.eval.geneval import evaluate, markdown_table, score_images, write_report
     from flowgrpo.eval.geneval_images import load_geneval_images
     from flowgrpo.prompts.loaders import PromptFileError, load_geneval, load_prompts
-    from flowgrpo.sample import load_policy_for_sampling, sampling_settings
+    from flowgrpo.policies.generator import load_policy_for_sampling, sampling_settings
     from flowgrpo.shapes.verify import verify
 
     try:
@@ -58,8 +58,8 @@ def _scorer(args: argparse.Namespace, entries: list[dict]):
                          "COCO instance-segmentation model and of a transformers CLIP (ViT-L/14 for GenEval)")
     import torch
 
-    from flowgrpo.eval.geneval_detector import GenevalScorer
-    from flowgrpo.eval.geneval_rules import check_geneval_metadata
+    from flowgrpo.rewards.geneval_detector import GenevalScorer
+    from flowgrpo.rewards.geneval_rules import check_geneval_metadata
 
     check_geneval_metadata(entries)
     device = args.scorer_device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowgrpo.eval.sampling import sharded_samples
 from flowgrpo.eval.grid import image_grid
+from flowgrpo.eval.sampling import sharded_samples
+from flowgrpo.media import to_uint8
 from flowgrpo.prompts.loaders import ordered_tags
-from flowgrpo.rewards.shapes import to_uint8
 
 
 @dataclass

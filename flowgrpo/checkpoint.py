@@ -22,15 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flowgrpo.core import PromptStatTracker
-from flowgrpo.distributed import full_tensor
+from flowgrpo.policies.state import CheckpointError
 
 FORMAT = 2
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^iter-(\d{6,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names it and says what is intact."""
 
 
 # ---------------------------------------------------------------------------------------------- training state
@@ -59,13 +55,7 @@ class TrainState:
                    int(d["unscorable_streak"]))
 
 
-# ---------------------------------------------------------------------------------------------- named tensors
-def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of the parameters that require grad, by name (whole tensors: a collective when sharded)."""
-    return {n: full_tensor(p.detach()).cpu().clone().contiguous() for n, p in module.named_parameters()
-            if p.requires_grad}
-
-
+# ---------------------------------------------------------------------------------------------- optimizer state
 def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state keyed by parameter name, whole (a collective when sharded; process 0 gets it), so a
     checkpoint resumes with any number of processes and either sharding."""
@@ -83,30 +73,6 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
                                  options=StateDictOptions(full_state_dict=True))
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{where}: its optimizer state does not fit this run's parameters ({e})") from e
-
-
-def load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Copy ``tensors`` into the parameters that require grad; names and shapes must match exactly (a sharded
-    parameter takes its shard of the whole tensor)."""
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    if set(tensors) != set(params):
-        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        raise CheckpointError(f"{where} does not match the model's trainable parameters: missing {missing[:3]}, "
-                              f"unexpected {extra[:3]} (a checkpoint of another model or LoRA setting?)")
-    for name, p in params.items():
-        if tensors[name].shape != p.shape:
-            raise CheckpointError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, the model {tuple(p.shape)}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(like(p, tensors[name]))
-
-
-def like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a whole tensor) laid out as ``p``: on its device, and sharded the same way when ``p`` is sharded."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    t = t.to(device=p.device, dtype=p.dtype)
-    return distribute_tensor(t, p.device_mesh, p.placements) if isinstance(p, DTensor) else t
 
 
 # ---------------------------------------------------------------------------------------------- one directory

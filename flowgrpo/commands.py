@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from flowgrpo.assets import SHAPES_MODEL
-    from flowgrpo.sample import load_generator
+    from flowgrpo.policies.generator import load_generator
 
     generate = load_generator(args.model or str(SHAPES_MODEL), lora=args.lora, steps=args.steps,
                               guidance=args.guidance, batch=args.batch)
@@ -38,8 +38,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from flowgrpo.shapes.pretrain import pretrain
-    from flowgrpo.shapes.pretrain_config import PretrainConfig
+    from flowgrpo.pretrain.pretrain import pretrain
+    from flowgrpo.pretrain.pretrain_config import PretrainConfig
 
     pretrain(PretrainConfig(**{k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__}))
     return 0
@@ -47,7 +47,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from flowgrpo.config import PRESETS, add_arguments
-    from flowgrpo.shapes.pretrain_config import add_arguments as add_pretrain_arguments
+    from flowgrpo.pretrain.pretrain_config import add_arguments as add_pretrain_arguments
 
     p = sub.add_parser("train", help="GRPO-train a flow-matching text-to-image model",
                        description="Train with Flow-GRPO. The preset applies first, then the YAML file, then the options given here. "

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
+from flowgrpo.policies.state import full_tensor
+
 
 class LaunchError(RuntimeError):
     """The launcher started several processes, but they do not form one process group."""
@@ -133,10 +135,3 @@ class Dist:
 
     def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(module)
-
-
-def full_tensor(t: Tensor) -> Tensor:
-    """The whole tensor of an FSDP-sharded one (a collective: every process calls it); other tensors as they are."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from flowgrpo.distributed import full_tensor
+from flowgrpo.policies.state import full_tensor
 
 
 class WeightEMA:
@@ -33,7 +33,7 @@ class WeightEMA:
 
     def load(self, shadow: dict[str, torch.Tensor], *, updates: int, where: str = "checkpoint") -> None:
         """Restore a saved average (names must match the trainable parameters) and its update count."""
-        from flowgrpo.checkpoint import like
+        from flowgrpo.policies.state import like
 
         if set(shadow) != set(self.shadow):
             raise ValueError(f"{where}: its weight EMA does not match the run's trainable parameters")

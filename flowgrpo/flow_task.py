@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from flowgrpo.core import AdvantageResult
+from flowgrpo.media import to_pixels
 from flowgrpo.policies.flow import FlowPolicy, Rollout
-from flowgrpo.pref import group_winrates, image_advantages, to_pixels
+from flowgrpo.pref import group_winrates, image_advantages
 from flowgrpo.samplers.schedules import offset_schedule
 from flowgrpo.strategies import Strategy
 from flowgrpo.update import UpdateBatch

@@ -9,12 +9,8 @@ from __future__ import annotations
 import torch
 
 from flowgrpo.core import AdvantageResult, compute_advantages, winrate_from_preferences
+from flowgrpo.media import to_pixels
 from flowgrpo.rewards import PairwiseJudge, preference_matrix
-
-
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> uint8 (the images a judge compares)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def group_winrates(judge: PairwiseJudge, images: torch.Tensor, plan) -> torch.Tensor:

@@ -21,10 +21,9 @@ from flowgrpo.flow_task import FlowTask
 from flowgrpo.mdm_task import MDMTask
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.policies.mdm import MaskedDiffusionPolicy, is_mdm
-from flowgrpo.prompts.loaders import load_prompts, ordered_tags
+from flowgrpo.prompts.loaders import load_prompts, ordered_tags, tag_balanced_indices
 from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.samplers.noise import Stream, keyed_rng
-from flowgrpo.shapes.data import tag_balanced_indices
 from flowgrpo.strategies import STRATEGIES
 from flowgrpo.trainer import Trainer, settings_json
 

@@ -23,23 +23,6 @@ from flowgrpo.distributed import Dist
 from flowgrpo.settings import BatchLayout, GRPOSettings
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Elements evaluated by one forward pass: local ``rows`` x step columns ``cols``; ``call`` is the policy's own
-    note of how to evaluate them (e.g. which shared rows a G²RPO group's branch velocity came from)."""
-
-    rows: Tensor  # local row indices
-    cols: slice
-    key: tuple  # identifies the chunk (the reference outputs are cached under it)
-    call: Any = None
-
-
-def grid_chunks(rows: slice, micro_batch: int, columns: list[slice]) -> list[Chunk]:
-    """Micro-batches of consecutive rows times each column slice (rows sampled in the same micro-batches)."""
-    return [Chunk(torch.arange(m, min(m + micro_batch, rows.stop)), c, (m, c.start))
-            for m in range(rows.start, rows.stop, micro_batch) for c in columns]
-
-
 @dataclass
 class UpdateBatch:
     """One process's rows of an iteration, in its layout order, as the update sees them."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -109,3 +111,17 @@ def ordered_tags(entries: list[dict]) -> list[str]:
     """The tags present, GenEval's six in their order first, then any others alphabetically."""
     present = {e["tag"] for e in entries if "tag" in e}
     return [t for t in GENEVAL_TAGS if t in present] + sorted(present - set(GENEVAL_TAGS))
+
+
+def tag_balanced_indices(entries: list[dict], n: int, rng: np.random.Generator,
+                         weights: dict[str, float] | None = None) -> np.ndarray:
+    """n entry indices: a tag among those present (uniform, or in proportion to ``weights``, 1 for unlisted tags),
+    then a uniform entry of that tag."""
+    present = ordered_tags(entries)
+    by_tag = [np.array([i for i, e in enumerate(entries) if e["tag"] == t]) for t in present]
+    if weights:
+        p = np.array([weights.get(t, 1.0) for t in present], dtype=float)
+        tags = rng.choice(len(by_tag), size=n, p=p / p.sum())
+    else:
+        tags = rng.integers(len(by_tag), size=n)
+    return np.array([by_tag[t][rng.integers(len(by_tag[t]))] for t in tags])

@@ -1,5 +1,5 @@
 """GenEval's rule-based check as a reward: a COCO detector and CLIP from local paths score each image against its
-GenEval metadata entry (`flowgrpo.eval.geneval_detector.GenevalScorer`).
+GenEval metadata entry (`flowgrpo.rewards.geneval_detector.GenevalScorer`).
 
 `partial`: the fraction of the entry's requirements met (objects present, counts, colours, positions, exclusions);
 `strict`: 1 if the image passes GenEval, else 0. An image whose metadata the rules cannot check (no `include`,
@@ -15,10 +15,10 @@ import math
 
 import torch
 
-from flowgrpo.eval.geneval_detector import DETECTOR_SIZE, GenevalScorer
-from flowgrpo.eval.geneval_rules import unscorable_reason
+from flowgrpo.media import to_uint8
 from flowgrpo.rewards.base import Reward
-from flowgrpo.rewards.shapes import to_uint8
+from flowgrpo.rewards.geneval_detector import DETECTOR_SIZE, GenevalScorer
+from flowgrpo.rewards.geneval_rules import unscorable_reason
 
 MODES = ("partial", "strict")
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flowgrpo.media import to_uint8
+
 logger = logging.getLogger(__name__)
 
 # A 4096x4096 RGB image; larger decoded PNGs are refused before their pixels are allocated.
@@ -34,9 +36,8 @@ def image_to_png_b64(image: torch.Tensor) -> str:
     """[3,H,W] float in [0,1] -> base64 of an 8-bit RGB PNG."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected one image [3,H,W], got {tuple(image.shape)}")
-    pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    Image.fromarray(to_uint8(image[None])[0], mode="RGB").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowgrpo.media import to_uint8
 from flowgrpo.rewards.base import Reward, require_file
 
 _QUOTED = re.compile(r'"([^"]*)"|“([^”]*)”')
@@ -80,7 +81,7 @@ class OcrReward(Reward):
 
     def read(self, image: torch.Tensor) -> str:
         """All text rapidocr finds in a [3,H,W] image, concatenated in its reading order."""
-        rgb = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        rgb = to_uint8(image[None])[0]
         result = self.engine(np.ascontiguousarray(rgb[..., ::-1]))  # ndarrays are taken as BGR
         return "".join(result.txts or ())
 

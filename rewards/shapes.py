@@ -4,14 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flowgrpo.media import to_uint8
 from flowgrpo.rewards.base import Reward
 from flowgrpo.shapes.verify import Requirement, asked_objects, spare_objects, verify
-
-
-def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    """[B, 3, H, W] floats in [0, 1] -> uint8 [H, W, 3] arrays."""
-    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return list(x.permute(0, 2, 3, 1).cpu().numpy())
 
 
 def form(dets) -> float:

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 from flowgrpo.assets import SHAPES_MODEL
 from flowgrpo.cli import build_parser
 from flowgrpo.eval.sampling import sharded_samples
+from flowgrpo.media import to_uint8
+from flowgrpo.policies.generator import load_policy_for_sampling, sampling_settings
 from flowgrpo.prompts.loaders import load_prompts
-from flowgrpo.rewards.shapes import to_uint8
-from flowgrpo.sample import load_policy_for_sampling, sampling_settings
 from flowgrpo.shapes.verify import verify
 
 

@@ -8,8 +8,8 @@ import torch
 
 from flowgrpo.config import TrainConfig
 from flowgrpo.policies.flow import FlowPolicy
+from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
-from flowgrpo.shapes.model import TransformerSpec, build_pipeline
 from flowgrpo.strategies import G2RPO, Strategy
 from tests.helpers import flow_trainer, make_plan
 

@@ -12,9 +12,9 @@ from flowgrpo.config import ConfigError, make_config
 from flowgrpo.mdm_task import MDMTask
 from flowgrpo.policies.mdm import MaskedDiffusionPolicy
 from flowgrpo.policies.schedule import SchedulePolicy
+from flowgrpo.pretrain.mdm_model import MDMSpec, build_mdm_pipeline
 from flowgrpo.rewards.pairwise import PointwiseAsPairwise
 from flowgrpo.settings import BatchLayout
-from flowgrpo.shapes.mdm_model import MDMSpec, build_mdm_pipeline
 from flowgrpo.train import make_task
 from flowgrpo.trainer import Plan, Trainer, settings_json
 from tests.helpers import single

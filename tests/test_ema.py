@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from flowgrpo.checkpoint import (CheckpointError, TrainState, load_trainable, read_training,
-                                 trainable_state_dict, training_files, write_checkpoint_dir)
+from flowgrpo.checkpoint import CheckpointError, TrainState, read_training, training_files, write_checkpoint_dir
 from flowgrpo.ema import WeightEMA
+from flowgrpo.policies.state import load_trainable, trainable_state_dict
 
 
 def _model(value: float) -> torch.nn.Linear:

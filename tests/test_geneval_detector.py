@@ -15,9 +15,11 @@ from PIL import Image
 
 from flowgrpo.cli import main
 from flowgrpo.eval.geneval import score_images
-from flowgrpo.eval.geneval_detector import GenevalScorer, coco_label_map, instances, masked_crop
 from flowgrpo.eval.geneval_images import load_geneval_images
-from flowgrpo.eval.geneval_rules import (
+from flowgrpo.prompts.loaders import load_geneval
+from flowgrpo.rewards import build_reward
+from flowgrpo.rewards.geneval_detector import GenevalScorer, coco_label_map, instances, masked_crop
+from flowgrpo.rewards.geneval_rules import (
     COCO_CLASSES,
     COLORS,
     asked_colours,
@@ -28,8 +30,6 @@ from flowgrpo.eval.geneval_rules import (
     keep_detections,
     unscorable_reason,
 )
-from flowgrpo.prompts.loaders import load_geneval
-from flowgrpo.rewards import build_reward
 from flowgrpo.shapes.verify import Detection
 from tests.tiny_geneval import tiny_clip, tiny_detector
 

@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 
 from flowgrpo.assets import SHAPES_MODEL
 from flowgrpo.config import TrainConfig
-from flowgrpo.strategies import initial_noise, sde_noise
 from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.settings import BatchLayout
+from flowgrpo.strategies import initial_noise, sde_noise
 from flowgrpo.trainer import Plan
 from tests.helpers import single
 

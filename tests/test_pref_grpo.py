@@ -7,11 +7,12 @@ import torch
 
 from flowgrpo.config import TrainConfig
 from flowgrpo.core import compute_advantages
+from flowgrpo.media import to_pixels
 from flowgrpo.policies.flow import Rollout
-from flowgrpo.pref import group_winrates, pref_advantages, to_pixels
+from flowgrpo.pref import group_winrates, pref_advantages
+from flowgrpo.pretrain.data import images_to_tensor
 from flowgrpo.prompts.shapes import all_prompts
 from flowgrpo.rewards import build_judge, build_reward
-from flowgrpo.shapes.data import images_to_tensor
 from flowgrpo.settings import BatchLayout
 from flowgrpo.shapes.render import render
 from flowgrpo.trainer import Plan

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowgrpo.shapes.pretrain import STATE_FILE, PretrainConfig, pretrain
+from flowgrpo.pretrain.pretrain import STATE_FILE, PretrainConfig, pretrain
 
 TINY = dict(steps=4, batch_size=4, patch_size=4, num_layers=1, head_dim=8, heads=2, eval_every=2, eval_per_tag=1,
             eval_steps=2, threads=1)

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from flowgrpo.checkpoint import read_training
 from flowgrpo.config import ConfigError, TrainConfig
+from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.rewards import Reward, register_reward
 from flowgrpo.rewards.server import make_server
-from flowgrpo.shapes.model import TransformerSpec, build_pipeline
 from flowgrpo.train import draw_prompts, train
 from flowgrpo.trainer import UnscorableError
 

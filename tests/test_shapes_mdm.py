@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from flowgrpo.cli import main
 from flowgrpo.policies.mdm import MaskedDiffusionPolicy
+from flowgrpo.pretrain.mdm_model import MASK_ID, PALETTE, build_palette_vq, palette_tokens
+from flowgrpo.pretrain.pretrain import STATE_FILE, PretrainConfig, pretrain
+from flowgrpo.prompts.loaders import tag_balanced_indices
 from flowgrpo.prompts.shapes import load_split
-from flowgrpo.shapes.data import tag_balanced_indices
-from flowgrpo.shapes.mdm_model import MASK_ID, PALETTE, build_palette_vq, palette_tokens
-from flowgrpo.shapes.pretrain import STATE_FILE, PretrainConfig, pretrain
 from flowgrpo.shapes.render import render
 
 TINY = dict(kind="mdm", steps=4, batch_size=4, num_layers=1, head_dim=8, heads=2, eval_every=2, eval_per_tag=1,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flowgrpo.shapes.components import build_identity_vae, build_text_encoder, build_tokenizer
-from flowgrpo.shapes.model import TransformerSpec, build_pipeline, encode_prompts, shapes_vocabulary
+from flowgrpo.pretrain.components import build_identity_vae, build_text_encoder, build_tokenizer
+from flowgrpo.pretrain.model import TransformerSpec, build_pipeline, encode_prompts, shapes_vocabulary
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from flowgrpo.assets import SHAPES_MODEL
+from flowgrpo.pretrain.data import render_batch
+from flowgrpo.pretrain.model import LATENT_SCALE, MAX_SEQUENCE_LENGTH, encode_prompts
+from flowgrpo.pretrain.sampling import conditioning_probe
+from flowgrpo.prompts.loaders import tag_balanced_indices
 from flowgrpo.prompts.shapes import load_split
-from flowgrpo.shapes.data import render_batch, tag_balanced_indices
-from flowgrpo.shapes.model import LATENT_SCALE, MAX_SEQUENCE_LENGTH, encode_prompts
-from flowgrpo.shapes.sampling import conditioning_probe
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,14 @@ from diffusers import DPMSolverMultistepScheduler
 
 from flowgrpo.assets import SHAPES_MODEL
 from flowgrpo.config import ConfigError, TrainConfig
+from flowgrpo.media import to_uint8
 from flowgrpo.policies.families import dpm_flow_sigmas
 from flowgrpo.policies.flow import FlowPolicy
+from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.rewards import build_reward
-from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.samplers.rollout import compressed_tail, sample_trajectory
 from flowgrpo.samplers.steps import dpm2_step
-from flowgrpo.shapes.model import TransformerSpec, build_pipeline
 from flowgrpo.strategies.dense import calibrate_noise, dense_rewards
 from tests.helpers import flow_trainer, make_plan
 

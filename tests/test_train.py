@@ -10,11 +10,11 @@ from flowgrpo.checkpoint import CheckpointError
 from flowgrpo.config import ConfigError, TrainConfig, make_config
 from flowgrpo.core import compute_advantages
 from flowgrpo.policies.flow import FlowPolicy
+from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.samplers.rollout import coarse_tail, group_noise
 from flowgrpo.samplers.schedules import offset_schedule
 from flowgrpo.settings import budget_progress
-from flowgrpo.shapes.model import TransformerSpec, build_pipeline
 from flowgrpo.strategies import STRATEGIES
 from flowgrpo.train import draw_prompts, train
 from tests.helpers import flow_trainer, make_plan, one_update

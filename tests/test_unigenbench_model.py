@@ -2,8 +2,8 @@
 import json
 
 from flowgrpo.cli import main
-from flowgrpo.sample import load_generator
-from flowgrpo.shapes.model import TransformerSpec, build_pipeline
+from flowgrpo.policies.generator import load_generator
+from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 
 
 def test_generation_from_a_saved_pipeline_end_to_end(tmp_path, capsys):

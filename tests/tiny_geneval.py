@@ -16,8 +16,8 @@ from transformers import (
     SwinConfig,
 )
 
-from flowgrpo.eval.geneval_rules import COCO_CLASSES, COLORS
-from flowgrpo.shapes.components import build_tokenizer
+from flowgrpo.pretrain.components import build_tokenizer
+from flowgrpo.rewards.geneval_rules import COCO_CLASSES, COLORS
 
 # Spellings of some transformers COCO ports, which the scorer maps back to GenEval's names.
 PORT_SPELLINGS = {"motorcycle": "motorbike", "airplane": "aeroplane", "couch": "sofa", "tv": "tvmonitor",

@@ -23,8 +23,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, Gemma2Config, Gemma2Model, GemmaTokenizer, T5Config, \
     T5EncoderModel, T5Tokenizer
 
-from flowgrpo.shapes.components import build_tokenizer
-from flowgrpo.shapes.model import TransformerSpec, build_pipeline
+from flowgrpo.pretrain.components import build_tokenizer
+from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 
 IMAGE_SIZE = 32
 WORDS = "a photo of red green blue circle square triangle cat dog on the left right".split()

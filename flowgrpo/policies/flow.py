@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flowgrpo.checkpoint import load_trainable, trainable_state_dict
 from flowgrpo.core import gaussian_mean_kl
+from flowgrpo.policies.chunks import Chunk, grid_chunks
 from flowgrpo.policies.families import Cond, Family, family_for
-from flowgrpo.samplers.noise import KeyedNoise
+from flowgrpo.policies.state import load_trainable, trainable_state_dict
 from flowgrpo.samplers.branched import sample_branched
+from flowgrpo.samplers.noise import KeyedNoise
 from flowgrpo.samplers.rollout import coarse_tail, sample_trajectory
 from flowgrpo.samplers.steps import gaussian_log_prob, ode_step, transition_mean_std
-from flowgrpo.update import Chunk, grid_chunks
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 

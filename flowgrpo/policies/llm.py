@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from flowgrpo.checkpoint import load_trainable, trainable_state_dict
 from flowgrpo.core import k3_kl
+from flowgrpo.policies.chunks import Chunk, grid_chunks
+from flowgrpo.policies.state import load_trainable, trainable_state_dict
 from flowgrpo.samplers.noise import keyed_generator
-from flowgrpo.update import Chunk, grid_chunks
 
 __all__ = ["SamplingConfig", "TokenRollout", "LLMPolicy", "load_causal_lm", "Prompt"]
 

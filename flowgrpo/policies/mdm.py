@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from flowgrpo.checkpoint import load_trainable, trainable_state_dict
 from flowgrpo.core import k3_kl
+from flowgrpo.policies.chunks import Chunk, grid_chunks
 from flowgrpo.policies.schedule import SchedulePolicy
+from flowgrpo.policies.state import load_trainable, trainable_state_dict
 from flowgrpo.samplers.unmasking import (CFG, TEMPERATURE, default_schedule, guided_logits, keyed_gumbels,
                                          sample_unmasking, token_log_probs, tokens_at)
-from flowgrpo.update import Chunk, grid_chunks
 
 MODES = ("model", "schedule", "joint")
 SCHEDULE_DIR = "schedule"

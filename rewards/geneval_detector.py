@@ -3,7 +3,7 @@
 `GenevalScorer(detector_path, clip_path)` is a scorer for `flowgrpo.eval.geneval.score_images`: called on one
 uint8 [H, W, 3] image and its GenEval entry it returns the same `Verdict` as the Shapes verifier, and
 `score_batch(images, entries)` batches the detector and CLIP over many images. The rules live in
-`flowgrpo.eval.geneval_rules`; this module turns model outputs into the detections they read:
+`flowgrpo.rewards.geneval_rules`; this module turns model outputs into the detections they read:
 
 - instances follow mmdetection's Mask2Former post-processing, which GenEval's numbers come from: the 100 most
   probable (query, class) pairs (softmax without the no-object class), mask logits upsampled to the padded input
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flowgrpo.eval.geneval_rules import (
+from flowgrpo.rewards.base import require_dir
+from flowgrpo.rewards.geneval_rules import (
     COCO_CLASSES,
     COLORS,
     asked_colours,
@@ -36,7 +37,6 @@ from flowgrpo.eval.geneval_rules import (
     min_score,
     unscorable_reason,
 )
-from flowgrpo.rewards.base import require_dir
 from flowgrpo.rewards.hf_clip import LocalClip
 from flowgrpo.shapes.verify import Detection, Verdict
 

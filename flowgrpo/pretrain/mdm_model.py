@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
 
+from flowgrpo.pretrain.components import MAX_TOKENS, TOKEN_DIM, build_text_encoder, build_tokenizer, make_identity
+from flowgrpo.pretrain.model import shapes_vocabulary
 from flowgrpo.shapes import world as W
-from flowgrpo.shapes.components import MAX_TOKENS, TOKEN_DIM, build_text_encoder, build_tokenizer, make_identity
-from flowgrpo.shapes.model import shapes_vocabulary
 
 PALETTE = np.array([W.BACKGROUND, *W.COLORS.values()], dtype=np.uint8)  # token i = colour PALETTE[i]
 MASK_ID = len(PALETTE)

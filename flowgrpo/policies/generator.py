@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from flowgrpo.media import to_uint8
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.policies.mdm import MaskedDiffusionPolicy, is_mdm
-from flowgrpo.rewards.shapes import to_uint8
 
 FLOW_STEPS, FLOW_GUIDANCE = 20, 4.5  # flow models' defaults (a masked diffusion model's come from its schedule)
 

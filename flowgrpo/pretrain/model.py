@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from flowgrpo.pretrain.components import TOKEN_DIM, MAX_TOKENS, build_identity_vae, build_text_encoder, build_tokenizer
 from flowgrpo.prompts.shapes import all_prompts
 from flowgrpo.shapes import world as W
-from flowgrpo.shapes.components import TOKEN_DIM, MAX_TOKENS, build_identity_vae, build_text_encoder, build_tokenizer
 
 # The SD3 pipeline appends this many zero "T5" tokens when text_encoder_3 is None; train and sample with it.
 MAX_SEQUENCE_LENGTH = 1

@@ -1,5 +1,5 @@
 """Pretrain the Shapes base model: flow matching on rendered images, frozen text encoders and VAE (the masked
-diffusion model: `flowgrpo.shapes.mdm_pretrain`)."""
+diffusion model: `flowgrpo.pretrain.mdm_pretrain`)."""
 from __future__ import annotations
 
 import json
@@ -9,16 +9,17 @@ import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from flowgrpo.media import to_uint8
 from flowgrpo.policies.flow import MODEL_OPTIONS_FILE
+from flowgrpo.pretrain.data import render_batch
+from flowgrpo.pretrain.model import LATENT_SCALE, MAX_SEQUENCE_LENGTH, TransformerSpec, build_pipeline, encode_prompts
+from flowgrpo.pretrain.pretrain_config import PretrainConfig
+from flowgrpo.pretrain.pretrain_loop import STATE_FILE, PretrainRun, load_state, mini_eval_entries, score
+from flowgrpo.pretrain.sampling import conditioning_probe, ode_sample
+from flowgrpo.prompts.loaders import tag_balanced_indices
 from flowgrpo.prompts.shapes import load_split
-from flowgrpo.rewards.shapes import to_uint8
 from flowgrpo.samplers.schedules import flow_sigmas
 from flowgrpo.shapes import world as W
-from flowgrpo.shapes.data import render_batch, tag_balanced_indices
-from flowgrpo.shapes.model import LATENT_SCALE, MAX_SEQUENCE_LENGTH, TransformerSpec, build_pipeline, encode_prompts
-from flowgrpo.shapes.pretrain_config import PretrainConfig
-from flowgrpo.shapes.pretrain_loop import STATE_FILE, PretrainRun, load_state, mini_eval_entries, score
-from flowgrpo.shapes.sampling import conditioning_probe, ode_sample
 
 __all__ = ["STATE_FILE", "PretrainConfig", "pretrain", "quick_eval"]
 
@@ -53,7 +54,7 @@ def initial_pipeline(cfg: PretrainConfig, spec: TransformerSpec) -> StableDiffus
 def pretrain(cfg: PretrainConfig) -> Path:
     cfg = cfg.resolved()
     if cfg.kind == "mdm":
-        from flowgrpo.shapes.mdm_pretrain import pretrain_mdm
+        from flowgrpo.pretrain.mdm_pretrain import pretrain_mdm
 
         return pretrain_mdm(cfg)
     torch.set_num_threads(cfg.threads)

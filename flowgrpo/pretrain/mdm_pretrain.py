@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowgrpo.media import to_uint8
 from flowgrpo.policies.mdm import MaskedDiffusionPolicy
 from flowgrpo.policies.schedule import SchedulePolicy
+from flowgrpo.pretrain.mdm_model import MASK_ID, MDMSpec, build_mdm_pipeline, palette_tokens
+from flowgrpo.pretrain.pretrain_config import PretrainConfig
+from flowgrpo.pretrain.pretrain_loop import PretrainRun, load_state, mini_eval_entries, score
+from flowgrpo.prompts.loaders import tag_balanced_indices
 from flowgrpo.prompts.shapes import load_split
-from flowgrpo.rewards.shapes import to_uint8
-from flowgrpo.shapes.data import tag_balanced_indices
-from flowgrpo.shapes.mdm_model import MASK_ID, MDMSpec, build_mdm_pipeline, palette_tokens
-from flowgrpo.shapes.pretrain_config import PretrainConfig
-from flowgrpo.shapes.pretrain_loop import PretrainRun, load_state, mini_eval_entries, score
 from flowgrpo.shapes.render import render
 
 

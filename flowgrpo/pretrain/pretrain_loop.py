@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from flowgrpo.pretrain.pretrain_config import RUN_CONTROL, PretrainConfig
+from flowgrpo.pretrain.sampling import summarize
 from flowgrpo.shapes import world as W
-from flowgrpo.shapes.pretrain_config import RUN_CONTROL, PretrainConfig
-from flowgrpo.shapes.sampling import summarize
 from flowgrpo.shapes.verify import verify
 
 STATE_FILE = "state.pt"
