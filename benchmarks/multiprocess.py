@@ -28,18 +28,12 @@ def worker(iterations: int, out: Path) -> None:
     """Time `iterations` iterations (after one warm-up) of the preset in this process group; rank 0 writes JSON."""
     from flowgrpo.config import make_config
     from flowgrpo.distributed import Dist
-    from flowgrpo.flow_task import FlowTask
     from flowgrpo.prompts.loaders import load_prompts
-    from flowgrpo.rewards import build_judge, build_reward
-    from flowgrpo.strategies import STRATEGIES
-    from flowgrpo.train import draw_prompts, load_policy
-    from flowgrpo.trainer import Trainer, settings_json
+    from flowgrpo.train import build_trainer, draw_prompts
 
     cfg = replace(make_config("shapes"), out=tempfile.mkdtemp(), log_with="")
     dist = Dist.create()
-    task = FlowTask(load_policy(cfg, dist.device), cfg, build_reward(cfg.reward, **cfg.reward_options),
-                    build_judge(cfg.judge, **cfg.judge_options), STRATEGIES[cfg.strategy](cfg))
-    trainer = Trainer(task, cfg, dist, config_json=settings_json(cfg))
+    trainer = build_trainer(cfg, dist)
     if dist.world_size > 1:  # count the gradient all-reduce: DDP hands its buckets to this hook
         def counting_allreduce(state, bucket):
             dist.traffic["gradients"] += bucket.buffer().numel() * bucket.buffer().element_size()

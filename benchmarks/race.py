@@ -48,17 +48,11 @@ def config_of(name: str, seed: int, out: str):
 def seconds_per_iteration(name: str) -> float:
     """Median seconds of 3 trainer iterations after a warm-up, in this process."""
     from flowgrpo.distributed import Dist
-    from flowgrpo.flow_task import FlowTask
     from flowgrpo.prompts.loaders import load_prompts
-    from flowgrpo.rewards import build_judge, build_reward
-    from flowgrpo.strategies import STRATEGIES as CLASSES
-    from flowgrpo.train import draw_prompts, load_policy
-    from flowgrpo.trainer import Trainer, settings_json
+    from flowgrpo.train import build_trainer, draw_prompts
 
     cfg = config_of(name, 0, tempfile.mkdtemp())
-    task = FlowTask(load_policy(cfg), cfg, build_reward(cfg.reward, **cfg.reward_options),
-                    build_judge(cfg.judge, **cfg.judge_options), CLASSES[cfg.strategy](cfg))
-    trainer = Trainer(task, cfg, Dist.create(), config_json=settings_json(cfg))
+    trainer = build_trainer(cfg, Dist.create())
     entries = load_prompts(cfg.prompts)
     times = [trainer.step(draw_prompts(entries, cfg, i))["seconds_per_iter"] for i in range(4)]
     return statistics.median(times[1:])
@@ -67,7 +61,7 @@ def seconds_per_iteration(name: str) -> float:
 def train_command(name: str, seed: int, iterations: int, out: Path) -> list[str]:
     extra = dict(STRATEGIES[name])
     if name == "mixgrpo":  # the window visits each of its 5 positions once over the run
-        extra["window_shift_every"] = max(1, iterations // 5)
+        extra["mixgrpo.window_shift_every"] = max(1, iterations // 5)
     args = [sys.executable, "-m", "flowgrpo.cli", "train", "--preset", "shapes", "--seed", str(seed),
             "--iterations", str(iterations), "--max-minutes", "0", "--eval-every", str(math.ceil(iterations / 3)),
             "--out", str(out), "--log-with", ""]

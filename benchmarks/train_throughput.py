@@ -30,13 +30,10 @@ import torch
 
 from flowgrpo.config import make_config
 from flowgrpo.distributed import Dist
-from flowgrpo.flow_task import FlowTask
 from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.loaders import load_prompts
-from flowgrpo.rewards import Reward, build_judge, build_reward, register_reward
-from flowgrpo.strategies import STRATEGIES
-from flowgrpo.train import draw_prompts, load_policy
-from flowgrpo.trainer import Trainer, settings_json
+from flowgrpo.rewards import Reward, register_reward
+from flowgrpo.train import build_trainer, draw_prompts
 
 PHASES = {"rollout": "time_rollout", "reward+advantages": "time_reward", "update": "time_train",
           "total": "seconds_per_iter"}
@@ -117,14 +114,13 @@ def floor_step(policy, optimizer, cfg, prompts: list[str], branch: torch.Tensor 
 
 def measure(name: str, precision: str, iterations: int, dist: Dist) -> dict:
     cfg = setting_config(name, precision, tempfile.mkdtemp())
-    task = FlowTask(load_policy(cfg), cfg, build_reward(cfg.reward, **cfg.reward_options),
-                    build_judge(cfg.judge, **cfg.judge_options) if cfg.judge else None, STRATEGIES[cfg.strategy](cfg))
-    trainer = Trainer(task, cfg, dist, config_json=settings_json(cfg))
+    trainer = build_trainer(cfg, dist)
+    task = trainer.task
     entries = load_prompts(cfg.prompts)
     times: dict[str, list[float]] = {k: [] for k in (*PHASES, "floor")}
     for i in range(iterations + 1):  # the first of each is a warm-up
         rows = draw_prompts(entries, cfg, i)
-        branch = task.strategy.branch_steps(trainer.plan(rows)) if cfg.strategy == "g2rpo" else None
+        branch = task.branch_steps(trainer.plan(rows)) if cfg.strategy == "g2rpo" else None
         metrics = trainer.step(rows)
         floor = floor_step(task.policy, trainer.optimizer, cfg, [r["prompt"] for r in rows for _ in range(cfg.group_size)],
                            branch)

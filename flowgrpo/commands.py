@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -15,7 +16,12 @@ def _train(args: argparse.Namespace) -> int:
     from flowgrpo.trainer import UnscorableError
 
     try:
-        train(make_config(args.preset, args.config, overrides_from_args(args)))
+        with warnings.catch_warnings(record=True) as caught:  # old option names: one line each, not a source dump
+            warnings.simplefilter("always", FutureWarning)
+            cfg = make_config(args.preset, args.config, overrides_from_args(args))
+        for w in caught:
+            print(f"flowgrpo train: warning: {w.message}", file=sys.stderr)
+        train(cfg)
     except (ConfigError, PromptFileError, LaunchError, CheckpointError, UnscorableError) as err:
         print(f"flowgrpo train: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, UnscorableError) else 2  # 2 = bad input or configuration

@@ -9,25 +9,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from flowgrpo.assets import SHAPES_MDM, SHAPES_MODEL
-from flowgrpo.core import TRACKED_ESTIMATORS
-from flowgrpo.policies.mdm import MODES, is_mdm
+from flowgrpo.policies.mdm import is_mdm
 from flowgrpo.rewards import REWARDS
 from flowgrpo.rewards.base import UnknownNameError, check_options
 from flowgrpo.settings import ConfigError, GRPOSettings, opt
 from flowgrpo.shapes.world import TAGS
-from flowgrpo.strategies import STRATEGIES
+from flowgrpo.strategies import STRATEGIES, RunContext, Sampling
 
 __all__ = ["ConfigError", "PRESETS", "TrainConfig", "add_arguments", "check_tag_weights", "make_config",
            "overrides_from_args"]
 
 SDE_KINDS = ("flow_grpo", "dance", "cps")
 PRECISIONS = ("fp32", "bf16")
+MODEL_KINDS = {"flow": "flow-matching", "mdm": "masked diffusion"}
 
 
 @dataclass(frozen=True)
@@ -51,33 +53,14 @@ class TrainConfig(GRPOSettings):
     judge: str = opt("", "Pref-GRPO: a pairwise judge (shapes, vlm_pairwise); '' = pointwise GRPO advantages")
     judge_options: dict = opt(factory=dict, help="pairwise judge options")
     pointwise_weight: float = opt(0.0, "Pref-GRPO: weight of the pointwise reward's advantages in the mix")
-    # rollouts
+    # rollouts: the settings every strategy shares, then the strategy and its own options
     num_steps: int = opt(10, "sampling steps of rollouts (denoising reduction: fewer than eval_num_steps)")
-    strategy: str = opt("g2rpo", "flow_grpo = SDE on every step of the window, all trained; dance_grpo = the same "
-                                 "sampling, a random subset of train_steps trained; mixgrpo = MixGRPO, SDE only in a "
-                                 "window of sde_steps that slides along the schedule as training goes; g2rpo = G²RPO "
-                                 "singular stochastic sampling: each group shares its ODE path up to one branch step "
-                                 "(random in the window) where each member takes one SDE step, then ODE; dense_grpo = "
-                                 "DenseGRPO, a reward per step from ODE completions, advantages per step, a calibrated "
-                                 "per-step noise scale")
-    train_steps: int = opt(0, "dance_grpo: SDE steps trained per iteration (0 = 60%% of them, DanceGRPO's fraction); "
-                              "masked diffusion models: steps whose model term trains per iteration (0 = all)")
+    strategy: str = opt("", f"rollout strategy: {', '.join(STRATEGIES)} (each is described with its own options "
+                            "--<strategy>.<option> below); '' = g2rpo for flow-matching models, co_grpo for masked "
+                            "diffusion models")
+    strategy_options: Any = opt(factory=dict, help="the strategy's own options (a mapping; on the command line "
+                                                   "--<strategy>.<option>)")
     sde_steps: int = opt(3, "the SDE window: the first k steps (0 = all steps for flow_grpo, the first half for g2rpo)")
-    window_shift_every: int = opt(25, "mixgrpo: iterations before the SDE window moves on (MixGRPO's shift interval)")
-    window_stride: int = opt(1, "mixgrpo: steps the window moves each time")
-    window_end: int = opt(0, "mixgrpo: the window moves within the first n steps, then starts again at step 0 "
-                             "(0 = 60%% of num_steps, MixGRPO's timestep fraction)")
-    ode_solver: str = opt("euler", "mixgrpo: the ODE steps after the window: euler, or dpm2 = DPM-Solver++(2M) "
-                                   "(MixGRPO-Flash)")
-    ode_compress: float = opt(1.0, "mixgrpo: integrate the steps after the window on this fraction of them "
-                                   "(MixGRPO-Flash: 0.4); 1 = all")
-    calibrate_iterations: int = opt(20, "dense_grpo: iterations during which the per-step noise scale is calibrated "
-                                        "from the signs of the dense rewards; frozen after")
-    calibrate_balance: float = opt(2.0, "dense_grpo: a step's dense rewards count as balanced when "
-                                        "|#positive - #negative| < this (over the whole batch)")
-    calibrate_step: float = opt(0.01, "dense_grpo: how far one calibration round moves a step's noise scale")
-    granularities: int = opt(1, "G²RPO multi-granularity: also finish each branch by ODE on every 2nd, ..., n-th "
-                                "later sigma and sum the n advantages (each normalised in its groups)")
     schedule_jitter: int = opt(0, "m > 0: each iteration's rollouts step through the model's m x finer grid at a random "
                                   "offset (same step count), so training visits every noise level, not one grid's")
     guidance: float = opt(4.5, "classifier-free guidance scale of rollouts, training and evaluation")
@@ -88,14 +71,6 @@ class TrainConfig(GRPOSettings):
     noise_freqs: int = opt(0, "k > 0: SDE noise only in the k x k lowest DCT frequencies of each latent channel "
                               "(the layout), deterministic elsewhere; 0 = white noise")
     ema_decay: float = opt(0.0, "evaluate and export a moving average of the weights (per iteration); 0 = live weights")
-    # masked diffusion models (an AmusedPipeline directory as --model): Co-GRPO
-    co_mode: str = opt("joint", "masked diffusion models (Co-GRPO): what trains - model (the MDM), schedule (its "
-                                "inference schedule: unmask ratio, temperatures, CFG per step) or joint (both, on one "
-                                "advantage per trajectory)")
-    schedule_lr: float = opt(1e-2, "masked diffusion models: learning rate of the schedule policy (the learning-rate "
-                                   "schedule decays it with lr)")
-    schedule_std: float = opt(0.0, "masked diffusion models: the schedule policy's exploration std before squashing "
-                                   "(0 = the model's own)")
     # budget and evaluation
     iterations: int = opt(300, "iterations (rollout + update): the training budget")
     max_minutes: float = opt(0.0, "> 0: also stop after this much training time (evaluation excluded); 0 = no limit")
@@ -106,55 +81,21 @@ class TrainConfig(GRPOSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_steps", "granularities", "iterations", "eval_every", "eval_num_steps",
-                     "eval_images_per_prompt"):
+        for name in ("num_steps", "iterations", "eval_every", "eval_num_steps", "eval_images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("noise_level", "max_minutes", "schedule_jitter", "noise_freqs", "train_steps", "sde_steps",
-                     "window_end", "calibrate_iterations", "calibrate_balance", "calibrate_step"):
+        for name in ("noise_level", "max_minutes", "schedule_jitter", "noise_freqs", "sde_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.sde_kind not in SDE_KINDS:
             raise ConfigError(f"sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy {self.strategy!r} is not one of {tuple(STRATEGIES)}")
-        if self.strategy == "g2rpo" and not self.shared_noise:
-            raise ConfigError("strategy g2rpo branches each group from one shared ODE path: it needs shared_noise=true")
+        self._check_strategy()
         if is_mdm(self.model):
             self._check_mdm()
-        elif self.train_steps and self.strategy != "dance_grpo":
-            raise ConfigError(f"train_steps={self.train_steps} picks DanceGRPO's trained subset: it needs strategy "
-                              f"dance_grpo (strategy {self.strategy} trains every SDE step it samples)")
-        if self.sharding == "fsdp" and self.strategy == "g2rpo":
-            raise ConfigError("sharding fsdp needs the same forward passes on every process; g2rpo evaluates each "
-                              "process's groups in calls of their own (use ddp, or another strategy)")
-        if self.granularities > 1 and self.strategy != "g2rpo":
-            raise ConfigError(f"granularities={self.granularities} finishes G²RPO branches: it needs strategy g2rpo")
-        if self.ode_solver not in ("euler", "dpm2"):
-            raise ConfigError(f"ode_solver {self.ode_solver!r} is not one of ('euler', 'dpm2')")
-        if not 0 < self.ode_compress <= 1:
-            raise ConfigError(f"ode_compress must be in (0, 1], got {self.ode_compress}")
-        if (self.ode_solver != "euler" or self.ode_compress < 1) and self.strategy != "mixgrpo":
-            raise ConfigError(f"ode_solver={self.ode_solver!r} / ode_compress={self.ode_compress} integrate the steps "
-                              f"after MixGRPO's window: they need strategy mixgrpo")
-        for name in ("window_shift_every", "window_stride"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.window_end and not (self.sde_steps or 1) <= self.window_end <= self.num_steps:
-            raise ConfigError(f"window_end={self.window_end} must hold the window (sde_steps={self.sde_steps}) and "
-                              f"fit in num_steps={self.num_steps}")
-        if self.strategy == "dense_grpo" and self.advantage in TRACKED_ESTIMATORS:
-            raise ConfigError(f"advantage {self.advantage!r} keeps per-prompt statistics; dense_grpo normalises one "
-                              "reward per step")
-        if self.granularities > 1 and self.advantage in TRACKED_ESTIMATORS and not self.judge:
-            raise ConfigError(f"advantage {self.advantage!r} keeps per-prompt statistics; it cannot be computed once "
-                              f"per granularity (granularities={self.granularities})")
         if self.sde_steps > self.num_steps:
             raise ConfigError(f"sde_steps={self.sde_steps} must be in [0, num_steps={self.num_steps}]")
-        if self.train_steps > self.num_steps:
-            raise ConfigError(f"train_steps={self.train_steps} must be in [0, num_steps={self.num_steps}]")
         if self.trainable and self.lora_rank:
             raise ConfigError(f"trainable={self.trainable!r} selects parameters for full fine-tuning; "
                               f"with lora_rank={self.lora_rank} only the LoRA adapters train")
@@ -181,10 +122,40 @@ class TrainConfig(GRPOSettings):
         except (UnknownNameError, TypeError) as e:
             raise ConfigError(str(e)) from e
 
+    @property
+    def sampling(self) -> Sampling:
+        """The sampling settings every strategy receives."""
+        return Sampling(**{f.name: getattr(self, f.name) for f in fields(Sampling)})
+
+    def _check_strategy(self) -> None:
+        """The strategy (the model kind's default when unset), its own options as its dataclass, and its checks."""
+        mdm = is_mdm(self.model)
+        name = self.strategy or ("co_grpo" if mdm else "g2rpo")
+        if name not in STRATEGIES:
+            raise ConfigError(f"strategy {name!r} is not one of {tuple(STRATEGIES)}")
+        cls, kind = STRATEGIES[name], "mdm" if mdm else "flow"
+        if cls.kind != kind:
+            fitting = ", ".join(n for n, c in STRATEGIES.items() if c.kind == kind)
+            raise ConfigError(f"strategy {name} trains {MODEL_KINDS[cls.kind]} models; {self.model} is a "
+                              f"{MODEL_KINDS[kind]} model (its strategies: {fitting})")
+        options = self.strategy_options
+        if not isinstance(options, cls.Options):
+            given = dict(options)
+            known = {f.name: f for f in fields(cls.Options)}
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise ConfigError(f"unknown option(s) {unknown} of strategy {name}; its options are "
+                                  f"{sorted(known) or 'none'}")
+            options = cls.Options(**{k: _coerce(f"{name}.{k}", v, known[k].default) for k, v in given.items()})
+        object.__setattr__(self, "strategy", name)
+        object.__setattr__(self, "strategy_options", options)
+        try:
+            cls.check(options, self.sampling, RunContext(self.advantage, self.judge, self.sharding))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
     def _check_mdm(self) -> None:
         """A masked diffusion model trains in full fp32 on the model, its schedule or both."""
-        if self.co_mode not in MODES:
-            raise ConfigError(f"co_mode {self.co_mode!r} is not one of {MODES}")
         unsupported = {k: getattr(self, k) for k in ("lora_rank", "trainable") if getattr(self, k)}
         if self.precision != "fp32":
             unsupported["precision"] = self.precision
@@ -193,9 +164,6 @@ class TrainConfig(GRPOSettings):
         if unsupported:
             raise ConfigError(f"{unsupported} are not supported for masked diffusion models ({self.model}): they train "
                               "the whole transformer in fp32")
-        if self.schedule_lr <= 0 or self.schedule_std < 0:
-            raise ConfigError(f"schedule_lr must be > 0 and schedule_std >= 0, got {self.schedule_lr}, "
-                              f"{self.schedule_std}")
 
 
 def check_tag_weights(weights: dict, tags) -> None:
@@ -213,9 +181,9 @@ PRESETS: dict[str, dict] = {
     # The shipped Shapes masked diffusion model with Co-GRPO (model and schedule jointly; --co-mode model|schedule).
     # Learning rates: one update at 1e-4 / 0.1 lowered the log-prob of every sampled trajectory, those with positive
     # advantages too (an overshoot: training reward fell); at 1e-5 / 1e-2 it moves each along its advantage.
-    "shapes-mdm": dict(model=str(SHAPES_MDM), num_steps=24, prompts_per_iter=8, group_size=6, micro_batch=24,
-                       train_steps=4, lr=1e-5, schedule_lr=1e-2, beta=0.0, iterations=100, eval_every=50,
-                       out="runs/shapes-mdm"),
+    "shapes-mdm": dict(model=str(SHAPES_MDM), strategy="co_grpo", num_steps=24, prompts_per_iter=8, group_size=6,
+                       micro_batch=24, co_grpo=dict(model_steps=4, schedule_lr=1e-2), lr=1e-5, beta=0.0,
+                       iterations=100, eval_every=50, out="runs/shapes-mdm"),
     # Real models read from a local directory (pass --model PATH); values follow Flow-GRPO's GenEval recipes.
     "sd35-medium": dict(model="", strategy="flow_grpo", sde_steps=0, precision="bf16", height=512, width=512,
                         lora_rank=32, micro_batch=4, prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=40,
@@ -249,6 +217,56 @@ def _coerce(name: str, value, default):
         raise ConfigError(f"{name}: cannot read {value!r} as {type(default).__name__}") from e
 
 
+# Options that were flat before each strategy owned its own: old name -> (strategy, option). The old names are read,
+# with a warning, for one more release. `train_steps` was DanceGRPO's trained steps, or a masked diffusion model's
+# Co-GRPO model steps.
+MOVED = {
+    "window_shift_every": ("mixgrpo", "window_shift_every"), "window_stride": ("mixgrpo", "window_stride"),
+    "window_end": ("mixgrpo", "window_end"), "ode_solver": ("mixgrpo", "ode_solver"),
+    "ode_compress": ("mixgrpo", "ode_compress"), "granularities": ("g2rpo", "granularities"),
+    "calibrate_iterations": ("dense_grpo", "calibrate_iterations"),
+    "calibrate_balance": ("dense_grpo", "calibrate_balance"), "calibrate_step": ("dense_grpo", "calibrate_step"),
+    "co_mode": ("co_grpo", "mode"), "schedule_lr": ("co_grpo", "schedule_lr"),
+    "schedule_std": ("co_grpo", "schedule_std"), "train_steps": ("dance_grpo", "train_steps"),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _gather_strategy_options(values: dict) -> dict:
+    """``values`` with every strategy option (``{strategy: {option: value}}`` mappings, ``strategy.option`` keys and
+    the old flat names) moved into ``strategy_options``: those of the run's strategy only; any other's is an error."""
+    model = values.get("model", str(SHAPES_MODEL))
+    mdm = bool(model) and is_mdm(model)
+    name = values.get("strategy") or ("co_grpo" if mdm else "g2rpo")
+    per: dict[str, dict] = {"strategy_options": dict(values.pop("strategy_options", None) or {})}
+    for key in list(values):
+        if key in STRATEGIES:  # a mapping under the strategy's name (YAML, presets)
+            given = values.pop(key)
+            if not isinstance(given, dict):
+                raise ConfigError(f"{key}: expected a mapping of the strategy's options, got {given!r}")
+            per.setdefault(key, {}).update(given)
+        elif key.split(".", 1)[0] in STRATEGIES and "." in key:  # --mixgrpo.window-end
+            strategy, option = key.split(".", 1)
+            per.setdefault(strategy, {})[option] = values.pop(key)
+        elif key in MOVED:
+            strategy, option = MOVED[key]
+            if key == "train_steps" and name == "co_grpo":
+                strategy, option = "co_grpo", "model_steps"
+            warnings.warn(f"{flag(key)} ({key}) is now {flag(strategy + '.' + option)} ({strategy}: {{{option}: ...}} "
+                          "in YAML); the old name is read for one more release", FutureWarning, stacklevel=3)
+            per.setdefault(strategy, {})[option] = values.pop(key)
+    others = sorted(f"{flag(s + '.' + o)} (an option of strategy {s})" for s, given in per.items()
+                    if s not in (name, "strategy_options") for o in given)
+    fits = name not in STRATEGIES or STRATEGIES[name].kind == ("mdm" if mdm else "flow")
+    if others and fits:  # (a strategy for another kind of model is refused by TrainConfig, saying so)
+        raise ConfigError(f"{', '.join(others)}: this run's strategy is {name}")
+    values["strategy_options"] = {**per["strategy_options"], **per.get(name, {})}
+    return values
+
+
 def make_config(preset: str = "shapes", yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """Preset, then a YAML file, then explicit overrides (later wins)."""
     if preset not in PRESETS:
@@ -261,8 +279,9 @@ def make_config(preset: str = "shapes", yaml_path: str | None = None, overrides:
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of option: value")
-        values.update(loaded)
-    values.update(overrides or {})
+        _merge(values, loaded)
+    _merge(values, overrides or {})
+    values = _gather_strategy_options(values)
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory()) for f in fields(TrainConfig)}
     unknown = sorted(set(values) - set(defaults))
     if unknown:
@@ -273,14 +292,36 @@ def make_config(preset: str = "shapes", yaml_path: str | None = None, overrides:
     return cfg
 
 
+def _merge(values: dict, later: dict) -> None:
+    """``later`` over ``values``; a strategy's mapping of options merges with the one before it."""
+    for key, value in later.items():
+        if key in STRATEGIES and isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --option per TrainConfig field (default None = not given, so presets and YAML apply)."""
+    """One --option per TrainConfig field, one --<strategy>.<option> per strategy option (default None = not given,
+    so presets and YAML apply); the old flat names of strategy options are read but not shown."""
     for f in fields(TrainConfig):
+        if f.name == "strategy_options":
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = "bool" if isinstance(default, bool) else "mapping (YAML)" if isinstance(default, dict) else type(default).__name__
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=kind.upper(),
+        parser.add_argument(flag(f.name), dest=f.name, default=None, metavar=kind.upper(),
                             help=f"{f.metadata['help']} (shapes preset: {PRESETS['shapes'].get(f.name, default)!r})")
+    for name, cls in STRATEGIES.items():
+        group = parser.add_argument_group(f"strategy {name}", " ".join((cls.__doc__ or "").split()).replace("%", "%%"))
+        for f in fields(cls.Options):
+            text = f"{f.metadata['help']} (default {f.default!r})".replace("%", "%%")  # argparse formats help
+            group.add_argument(flag(f"{name}.{f.name}"), dest=f"{name}.{f.name}", default=None,
+                               metavar=type(f.default).__name__.upper(), help=text)
+    for old in MOVED:
+        parser.add_argument(flag(old), dest=old, default=None, help=argparse.SUPPRESS)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
-    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    names = [f.name for f in fields(TrainConfig) if f.name != "strategy_options"] + list(MOVED)
+    names += [f"{n}.{f.name}" for n, cls in STRATEGIES.items() for f in fields(cls.Options)]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

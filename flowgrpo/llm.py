@@ -30,10 +30,10 @@ from torch import Tensor
 from flowgrpo.core import AdvantageResult
 from flowgrpo.distributed import Dist
 from flowgrpo.llm_config import GRPOConfig
+from flowgrpo.policies.chunks import UpdateBatch
 from flowgrpo.policies.llm import LLMPolicy, TokenRollout, load_causal_lm
 from flowgrpo.samplers.noise import Stream, keyed_generator
 from flowgrpo.trainer import Trainer, settings_json
-from flowgrpo.update import UpdateBatch
 
 __all__ = ["GRPO", "GRPOConfig", "TextTask"]
 

@@ -1,5 +1,6 @@
-"""`flowgrpo train`: GRPO for text-to-image models — setup, iterate, finish. Flow-matching pipelines train through
-their rollout strategy (`FlowTask`), masked diffusion models with Co-GRPO (`MDMTask`).
+"""`flowgrpo train`: GRPO for text-to-image models — setup, iterate, finish. The run's rollout strategy
+(`flowgrpo.strategies`: Flow-GRPO, DanceGRPO, MixGRPO, G²RPO, DenseGRPO on flow-matching pipelines, Co-GRPO on masked
+diffusion models) is the trainer's task.
 
 Runs on one process or many (`torchrun` / `accelerate launch`): the batch sizes are global, every draw is keyed by
 (seed, iteration, sample), so the run does not depend on the number of processes; process 0 writes the files.
@@ -17,14 +18,12 @@ from flowgrpo.config import ConfigError, TrainConfig, check_tag_weights
 from flowgrpo.distributed import Dist
 from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, report_markdown, write_report
 from flowgrpo.eval.reward_eval import RewardEvalResult, evaluate_reward, is_geneval, write_reward_report
-from flowgrpo.flow_task import FlowTask
-from flowgrpo.mdm_task import MDMTask
 from flowgrpo.policies.flow import FlowPolicy
-from flowgrpo.policies.mdm import MaskedDiffusionPolicy, is_mdm
+from flowgrpo.policies.mdm import MaskedDiffusionPolicy
 from flowgrpo.prompts.loaders import load_prompts, ordered_tags, tag_balanced_indices
 from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.samplers.noise import Stream, keyed_rng
-from flowgrpo.strategies import STRATEGIES
+from flowgrpo.strategies import STRATEGIES, ImageScoring, Strategy
 from flowgrpo.trainer import Trainer, settings_json
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
@@ -32,10 +31,12 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 def load_mdm_policy(cfg: TrainConfig, micro_batch: int, device: torch.device | str = "cpu") -> MaskedDiffusionPolicy:
     """A masked diffusion model with its schedule (or the hand-set one of num_steps steps at CFG guidance), in
-    micro-batches of the trainer's forward passes (rollouts sample in the batches the update recomputes)."""
+    micro-batches of the trainer's forward passes (rollouts sample in the batches the update recomputes), with the
+    parts Co-GRPO trains."""
+    options = cfg.strategy_options
     policy = MaskedDiffusionPolicy.from_pretrained(cfg.model, micro_batch=micro_batch, num_steps=cfg.num_steps,
-                                                   guidance=cfg.guidance, mode=cfg.co_mode,
-                                                   schedule_std=cfg.schedule_std)
+                                                   guidance=cfg.guidance, mode=options.mode,
+                                                   schedule_std=options.schedule_std)
     if policy.schedule.num_steps != cfg.num_steps:
         raise ConfigError(f"{cfg.model} samples with its own schedule of {policy.schedule.num_steps} steps; "
                           f"num_steps={cfg.num_steps} must match it")
@@ -59,14 +60,33 @@ def load_policy(cfg: TrainConfig, device: torch.device | str = "cpu") -> FlowPol
     return policy
 
 
-def make_task(cfg: TrainConfig, dist: Dist, reward_fn, judge) -> tuple[FlowTask | MDMTask, torch.optim.Optimizer | None]:
-    """The model's task, and its optimizer when the trainer's default (the configured one at lr on every trained
-    parameter) does not fit: a masked diffusion model's schedule trains at schedule_lr."""
-    if not is_mdm(cfg.model):
-        return FlowTask(load_policy(cfg, dist.device), cfg, reward_fn, judge, STRATEGIES[cfg.strategy](cfg)), None
-    policy = load_mdm_policy(cfg, cfg.layout(dist.world_size).micro_batch, dist.device)
-    optimizer = cfg.make_optimizer(policy.param_groups(cfg.schedule_lr, cfg.lr))
-    return MDMTask(policy, cfg, reward_fn, judge), optimizer
+def make_task(cfg: TrainConfig, dist: Dist, scoring: ImageScoring) -> tuple[Strategy, torch.optim.Optimizer | None]:
+    """The run's strategy on its policy, and the optimizer when the trainer's default (the configured one at lr on
+    every trained parameter) does not fit: a masked diffusion model's schedule trains at its own learning rate."""
+    strategy, optimizer = STRATEGIES[cfg.strategy], None
+    if strategy.kind == "mdm":
+        policy = load_mdm_policy(cfg, cfg.layout(dist.world_size).micro_batch, dist.device)
+        optimizer = cfg.make_optimizer(policy.param_groups(cfg.strategy_options.schedule_lr, cfg.lr))
+    else:
+        policy = load_policy(cfg, dist.device)
+    return strategy(policy, cfg.strategy_options, cfg.sampling, scoring), optimizer
+
+
+def build_scoring(cfg: TrainConfig) -> ImageScoring:
+    """The run's reward and pairwise judge (their options are checked by their constructors: config errors)."""
+    try:
+        reward_fn = build_reward(cfg.reward, **cfg.reward_options)
+        judge = build_judge(cfg.judge, **cfg.judge_options) if cfg.judge else None
+    except ValueError as e:
+        raise ConfigError(f"reward/judge options: {e}") from e
+    return ImageScoring(reward_fn, judge, cfg.pointwise_weight)
+
+
+def build_trainer(cfg: TrainConfig, dist: Dist, scoring: ImageScoring | None = None, log=None) -> Trainer:
+    """The trainer `flowgrpo train` runs for ``cfg`` on ``dist``'s processes (its task: the strategy)."""
+    task, optimizer = make_task(cfg, dist, scoring or build_scoring(cfg))
+    return Trainer(task, cfg, dist, config_json=settings_json(cfg), optimizer=optimizer, ema_decay=cfg.ema_decay,
+                   log=log)
 
 
 def draw_prompts(entries: list[dict], cfg: TrainConfig, iteration: int) -> list[dict]:
@@ -132,11 +152,7 @@ class Evaluation:
 
 def train(cfg: TrainConfig) -> dict:
     # ---- setup: inputs first, so a mistyped command fails before the model loads or anything is written
-    try:  # option values are checked by the constructors: report them as the config errors they are
-        reward_fn = build_reward(cfg.reward, **cfg.reward_options)
-        judge = build_judge(cfg.judge, **cfg.judge_options) if cfg.judge else None
-    except ValueError as e:
-        raise ConfigError(f"reward/judge options: {e}") from e
+    scoring = build_scoring(cfg)
     train_entries, eval_entries = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)
     check_tag_weights(cfg.tag_weights, ordered_tags(train_entries))
     out = Path(cfg.out)
@@ -149,12 +165,10 @@ def train(cfg: TrainConfig) -> dict:
                                                            if isinstance(v, (int, float, str, bool))})
         tqdm.write(f"training on {dist.world_size} process(es) ({dist.device}): {layout.samples} samples per "
                    f"iteration, {layout.per_process} per process in forward passes of {layout.micro_batch}")
-    task, optimizer = make_task(cfg, dist, reward_fn, judge)
-    policy = task.policy
-    trainer = Trainer(task, cfg, dist, config_json=settings_json(cfg), optimizer=optimizer, ema_decay=cfg.ema_decay,
-                      log=lambda metrics, step: dist.accelerator.log(metrics, step=step))
+    trainer = build_trainer(cfg, dist, scoring, log=lambda metrics, step: dist.accelerator.log(metrics, step=step))
+    policy = trainer.task.policy
     trainer.resume()
-    evaluation = Evaluation(trainer, eval_entries, cfg, reward_fn)
+    evaluation = Evaluation(trainer, eval_entries, cfg, scoring.reward_fn)
     if not trainer.state.history["eval"]:
         base = evaluation.run("base")
         if dist.is_main:

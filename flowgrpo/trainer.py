@@ -26,9 +26,10 @@ from flowgrpo.checkpoint import (CheckpointDir, TrainState, load_optimizer_state
 from flowgrpo.core import TRACKED_ESTIMATORS, AdvantageResult, compute_advantages
 from flowgrpo.distributed import Dist
 from flowgrpo.ema import WeightEMA
+from flowgrpo.policies.chunks import UpdateBatch
 from flowgrpo.samplers.noise import Stream, keyed_rng
 from flowgrpo.settings import BatchLayout, GRPOSettings, budget_progress
-from flowgrpo.update import UpdateBatch, ppo_update
+from flowgrpo.update import ppo_update
 
 
 @dataclass
@@ -65,7 +66,7 @@ class UnscorableError(RuntimeError):
 class Task(Protocol):
     """What a policy kind brings to the trainer."""
 
-    kind: str  # names the checkpoints it can resume ("flow", "llm")
+    kind: str  # names the checkpoints it can resume ("flow", "mdm", "llm")
     policy: Any  # trainable_module(), bind(module), trainable_parameters(), columns/log_prob/reference_out/kl
 
     def rollout(self, plan: Plan) -> Any: ...

@@ -1,9 +1,10 @@
 """The one PPO-clip update of every trainer: images (SDE steps) and text (tokens) alike.
 
 A process's share of an iteration is a grid of elements (rows x steps): the trained SDE steps of each image, or the
-completion tokens of each text. The policy cuts it into chunks (``chunks``: rows x a slice of step columns, each
-one forward pass, as its sampler evaluated them) and evaluates them through three callbacks: ``log_prob`` (with
-gradient), ``reference_out`` (the frozen reference, only when beta > 0) and ``kl``. Each optimizer step first builds its loss weights W from the masks of ALL its rows on ALL
+completion tokens of each text. The policy (or the batch's own ``elements``, e.g. G²RPO's branch calls) cuts it
+into chunks (``chunks``: rows x a slice of step columns, each one forward pass, as its sampler evaluated them) and
+evaluates them through three callbacks: ``log_prob`` (with gradient), ``reference_out`` (the frozen reference, only
+when beta > 0) and ``kl``. Each optimizer step first builds its loss weights W from the masks of ALL its rows on ALL
 processes, so its gradient is that of the whole global batch, whatever the micro-batch size, the order of the
 backward passes or the number of processes (DDP averages gradients over ranks, so each rank scales its loss by the
 number of ranks).
@@ -12,30 +13,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from flowgrpo.core import loss_weights, ppo_clip_loss
 from flowgrpo.distributed import Dist
+from flowgrpo.policies.chunks import UpdateBatch
 from flowgrpo.settings import BatchLayout, GRPOSettings
-
-
-@dataclass
-class UpdateBatch:
-    """One process's rows of an iteration, in its layout order, as the update sees them."""
-
-    rollout: Any  # the policy's own rollout (images or tokens)
-    mask: Tensor  # [b, S] 0/1: the elements that carry loss
-    advantages: Tensor  # [b], or [b, S] for per-step advantages
-    valid: Tensor  # [b] bool: rows with an advantage (False = zero weight)
-    sampled_logp: Tensor  # [b, S] log-probs recorded while sampling
-    max_len: int  # S of the widest batch any process can have (pads the masks gathered for W)
-    # True: the first epoch's recomputed log-probs are the behaviour policy's (text: the sampler's KV-cache
-    # arithmetic differs from the training forward in the last bits); False: the sampled ones are (images).
-    recompute_old: bool = False
 
 
 def _global_weights(batch: UpdateBatch, cfg: GRPOSettings, layout: BatchLayout, dist: Dist) -> list[Tensor]:
@@ -62,6 +47,7 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
     """
     weights = _global_weights(batch, cfg, layout, dist)
     params = policy.trainable_parameters()
+    elements = batch.elements or policy
     device = batch.mask.device
     old = batch.sampled_logp.detach().clone()
     ref_cache: dict[tuple, Any] = {}
@@ -71,11 +57,11 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
     for epoch in range(cfg.inner_epochs):
         for o in range(layout.optimizer_steps):
             w_step = weights[o].to(device)
-            chunks = policy.chunks(batch.rollout, slice(o * rps, (o + 1) * rps), layout.micro_batch)
+            chunks = elements.chunks(batch.rollout, slice(o * rps, (o + 1) * rps), layout.micro_batch)
             for n, chunk in enumerate(chunks):
                 rows, cols = chunk.rows.to(device), chunk.cols
                 with dist.no_sync(module, skip=n < len(chunks) - 1):
-                    logp, kl_in = policy.log_prob(batch.rollout, chunk)
+                    logp, kl_in = elements.log_prob(batch.rollout, chunk)
                     active = batch.mask[rows, cols] != 0
                     if epoch == 0:
                         sums["logp_diff"] = max(sums["logp_diff"], float(
@@ -88,8 +74,8 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
                     if cfg.beta > 0:
                         if chunk.key not in ref_cache:
                             with torch.no_grad():
-                                ref_cache[chunk.key] = policy.reference_out(batch.rollout, chunk)
-                        kl = policy.kl(kl_in, ref_cache[chunk.key])
+                                ref_cache[chunk.key] = elements.reference_out(batch.rollout, chunk)
+                        kl = elements.kl(kl_in, ref_cache[chunk.key])
                         elem = elem + cfg.beta * kl
                         if epoch == 0:
                             sums["kl"] += float((w * kl.detach()).sum()) / dist.world_size

@@ -1,6 +1,6 @@
 """Flow-matching samplers: schedules from scheduler configs, ODE/SDE steps with log-probs, rollouts."""
 
-from flowgrpo.samplers.rollout import Trajectory, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory
+from flowgrpo.samplers.rollout import Trajectory, group_noise, sample_trajectory
 from flowgrpo.samplers.schedules import calculate_shift, flow_sigmas, offset_schedule, timesteps_from_sigmas
 from flowgrpo.samplers.steps import (
     SDE_STEPS,
@@ -19,13 +19,11 @@ __all__ = [
     "calculate_shift",
     "cps_mean_std",
     "dance_grpo_mean_std",
-    "dance_train_steps",
     "flow_grpo_mean_std",
     "flow_sigmas",
     "offset_schedule",
     "gaussian_log_prob",
     "group_noise",
-    "mixgrpo_window",
     "ode_step",
     "sample_trajectory",
     "sde_log_prob",

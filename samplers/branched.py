@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from flowgrpo.samplers.noise import KeyedNoise
-from flowgrpo.samplers.rollout import Trajectory, _check_sigmas
+from flowgrpo.samplers.rollout import Trajectory, check_sigmas
 from flowgrpo.samplers.steps import SDE_STEPS, gaussian_log_prob, ode_step, sde_step
 
 __all__ = ["BranchedTrajectory", "sample_branched"]
@@ -64,7 +64,7 @@ def sample_branched(
         noise: per-member keyed SDE noise (B rows).
         call_size: groups per exact call (the policy's micro-batch): the update repeats the calls chunk by chunk.
     """
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     p, t_total, b = x_groups.shape[0], sigmas.numel() - 1, member_group.shape[0]
     if branch.shape != (p,) or bool((branch < 0).any()) or bool((branch >= t_total).any()):
         raise ValueError(f"branch must be [P] = [{p}] steps in [0, {t_total}), got {branch.tolist()}")

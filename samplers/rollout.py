@@ -1,16 +1,6 @@
-"""Trajectory sampling over the ODE/SDE steps, and the step-selection strategies of the GRPO variants.
-
-- Flow-GRPO: SDE at every step (``sde_mask`` all True, or all but a deterministic last step).
-- DanceGRPO: SDE sampling, but train on a random subset of steps (``dance_train_steps``).
-- MixGRPO: SDE only inside a sliding window of steps, ODE elsewhere (``mixgrpo_window``); MixGRPO-Flash
-  integrates the steps after the window with DPM-Solver++(2M) on a compressed schedule (``compressed_tail``).
-- G²RPO singular stochastic sampling: each group shares its initial noise and ODE path up to one
-  branch step, where every member takes its own SDE step, then all continue by ODE (a per-row ``sde_mask``, or
-  per group in ``flowgrpo.samplers.branched``). Reward differences inside a group then come from that one step's
-  noise alone, and training needs one step per sample instead of all of them. Multi-granularity: each branch is
-  also finished on coarser ODE schedules (``coarse_tail``) and the advantages of every granularity are summed, so
-  credit does not hinge on one solver's discretisation.
-"""
+"""Trajectory sampling over the ODE/SDE steps: stochastic where a mask says (every step for Flow-GRPO, a sliding
+window for MixGRPO, one step per row for G²RPO's branches: the rollout strategies in `flowgrpo.strategies` choose),
+Euler or DPM-Solver++(2M) elsewhere, with the log-prob of every SDE transition."""
 
 from __future__ import annotations
 
@@ -23,10 +13,7 @@ from torch import Tensor
 from flowgrpo.samplers.noise import KeyedNoise
 from flowgrpo.samplers.steps import SDE_STEPS, dpm2_step, gaussian_log_prob, ode_step, sde_step
 
-__all__ = [
-    "Trajectory", "coarse_tail", "compressed_tail", "dance_train_steps", "group_noise", "mixgrpo_window",
-    "sample_trajectory",
-]
+__all__ = ["Trajectory", "check_int", "check_sigmas", "group_noise", "sample_trajectory"]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -60,7 +47,7 @@ class Trajectory:
         return float(self.sigmas[1])
 
 
-def _check_sigmas(sigmas: Tensor) -> None:
+def check_sigmas(sigmas: Tensor) -> None:
     if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2 or not sigmas.is_floating_point():
         raise ValueError("sigmas must be a 1-D float tensor of length num_steps + 1 >= 2")
     if sigmas[-1] != 0 or sigmas[0] > 1 or not bool((sigmas[1:] < sigmas[:-1]).all()):
@@ -112,7 +99,7 @@ def sample_trajectory(
     Raises ValueError if a requested SDE step is deterministic (std 0: noise level 0, or CPS's step to
     sigma 0); leave such steps out of ``sde_mask``.
     """
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     num_steps = sigmas.numel() - 1
     if not isinstance(x_init, Tensor) or x_init.ndim < 1 or not x_init.is_floating_point():
         raise ValueError("x_init must be a float tensor [B, ...]")
@@ -203,77 +190,10 @@ def step_levels(noise_level: float | Tensor, num_steps: int) -> list[float]:
     return [float(v) for v in noise_level]
 
 
-def _check_positive_int(name: str, value: int, minimum: int = 1) -> None:
+def check_int(name: str, value: int, minimum: int = 1) -> None:
+    """ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def dance_train_steps(num_steps: int, k: int, generator: torch.Generator) -> Tensor:
-    """DanceGRPO: a uniformly random subset of ``k`` distinct step indices to train on, sorted ascending."""
-    _check_positive_int("num_steps", num_steps)
-    _check_positive_int("k", k)
-    if k > num_steps:
-        raise ValueError(f"k={k} exceeds num_steps={num_steps}")
-    return torch.randperm(num_steps, generator=generator)[:k].sort().values
-
-
-def mixgrpo_window(
-    step: int, num_steps: int, window: int, shift_every: int, *, start: int = 0, end: int | None = None,
-    stride: int = 1,
-) -> Tensor:
-    """MixGRPO sliding window: bool ``[num_steps]``, True (SDE) on ``[s, s + window)``, ODE elsewhere.
-
-    The window begins at ``start`` and moves ``stride`` steps later every ``shift_every`` training iterations
-    (``step`` counts them from 0); once it would pass ``end`` (exclusive, default ``num_steps``) it wraps
-    back to ``start`` (MixGRPO's roll-back). The window always fits whole inside ``[start, end)``.
-    """
-    _check_positive_int("step", step, minimum=0)
-    _check_positive_int("num_steps", num_steps)
-    _check_positive_int("window", window)
-    _check_positive_int("shift_every", shift_every)
-    _check_positive_int("stride", stride)
-    _check_positive_int("start", start, minimum=0)
-    end = num_steps if end is None else end
-    _check_positive_int("end", end)
-    if end > num_steps or start + window > end:
-        raise ValueError(f"need start + window <= end <= num_steps, got {start} + {window}, {end}, {num_steps}")
-    positions = (end - window - start) // stride + 1
-    first = start + (step // shift_every) % positions * stride
-    mask = torch.zeros(num_steps, dtype=torch.bool)
-    mask[first : first + window] = True
-    return mask
-
-
-def coarse_tail(sigmas: Tensor, branch_step: int, granularity: int) -> Tensor:
-    """G²RPO multi-granularity: the ODE schedule that finishes a branch taken at ``branch_step`` = k, from
-    σ[k+1] over every ``granularity``-th later sigma: ``σ[k+1], σ[k+2], σ[k+2+λ], …, 0`` (σ[:k+2] ++ σ[k+2::λ]
-    after the branch, with the final 0 kept so the sample is finished). Granularity 1 is the sampling schedule;
-    a branch at the last step leaves ``[0.]``, nothing to integrate.
-    """
-    _check_sigmas(sigmas)
-    _check_positive_int("granularity", granularity)
-    num_steps = sigmas.numel() - 1
-    if isinstance(branch_step, bool) or not isinstance(branch_step, int) or not 0 <= branch_step < num_steps:
-        raise ValueError(f"branch_step must be an int in [0, {num_steps}), got {branch_step!r}")
-    tail = sigmas[branch_step + 1 :]
-    keep = torch.cat([tail[:1], tail[1::granularity], tail[-1:]])
-    return torch.unique_consecutive(keep)
-
-
-def compressed_tail(sigmas: Tensor, end: int, fraction: float) -> Tensor:
-    """MixGRPO-Flash's schedule: ``sigmas`` up to step ``end`` (the end of the SDE window), then the rest of the way
-    to 0 on ``max(int(fraction x remaining steps), 1)`` of its own points, evenly spaced by index (so the model's
-    time shift is kept). ``fraction`` = 1 returns ``sigmas``."""
-    _check_sigmas(sigmas)
-    num_steps = sigmas.numel() - 1
-    if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end < num_steps:
-        raise ValueError(f"end must be an int in [0, {num_steps}), got {end!r}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    remaining = num_steps - end
-    steps = max(int(remaining * fraction), 1)
-    picks = torch.linspace(0, remaining, steps + 1).round().long().unique()
-    return torch.cat([sigmas[:end], sigmas[end:][picks]])
 
 
 def group_noise(
@@ -291,8 +211,8 @@ def group_noise(
     With ``shared`` every member of a group starts from the same noise (Flow-GRPO's same-latent option),
     so reward differences inside a group come from the SDE steps alone.
     """
-    _check_positive_int("num_groups", num_groups)
-    _check_positive_int("group_size", group_size)
+    check_int("num_groups", num_groups)
+    check_int("group_size", group_size)
     draws = num_groups if shared else num_groups * group_size
     noise = torch.randn((draws, *shape), generator=generator, dtype=dtype, device=device)
     return noise.repeat_interleave(group_size, dim=0) if shared else noise

@@ -7,13 +7,12 @@ import torch
 
 from flowgrpo.config import TrainConfig
 from flowgrpo.distributed import Dist
-from flowgrpo.flow_task import FlowTask
-from flowgrpo.rewards import build_judge, build_reward
+from flowgrpo.policies.chunks import UpdateBatch
 from flowgrpo.settings import GRPOSettings
-from flowgrpo.strategies import STRATEGIES
-from flowgrpo.train import load_policy
-from flowgrpo.trainer import Plan, Trainer, settings_json
-from flowgrpo.update import UpdateBatch, ppo_update
+from flowgrpo.strategies import STRATEGIES, ImageScoring
+from flowgrpo.train import build_trainer
+from flowgrpo.trainer import Plan, Trainer
+from flowgrpo.update import ppo_update
 
 
 @functools.cache
@@ -39,8 +38,10 @@ def one_update(policy, optimizer, ro, adv, steps: torch.Tensor, cfg: GRPOSetting
 
 
 def flow_trainer(cfg: TrainConfig) -> Trainer:
-    """The trainer `flowgrpo train` builds for ``cfg``, in this process."""
-    policy = load_policy(cfg)
-    judge = build_judge(cfg.judge, **cfg.judge_options) if cfg.judge else None
-    task = FlowTask(policy, cfg, build_reward(cfg.reward, **cfg.reward_options), judge, STRATEGIES[cfg.strategy](cfg))
-    return Trainer(task, cfg, single(), config_json=settings_json(cfg), ema_decay=cfg.ema_decay)
+    """The trainer `flowgrpo train` builds for ``cfg``, in this process (its task is the run's strategy)."""
+    return build_trainer(cfg, single())
+
+
+def strategy_of(cfg: TrainConfig, policy, reward_fn=None):
+    """``cfg``'s strategy on ``policy`` (scored by ``reward_fn``), outside a trainer."""
+    return STRATEGIES[cfg.strategy](policy, cfg.strategy_options, cfg.sampling, ImageScoring(reward_fn))

@@ -10,8 +10,8 @@ from flowgrpo.config import TrainConfig
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
-from flowgrpo.strategies import G2RPO, Strategy
-from tests.helpers import flow_trainer, make_plan
+from flowgrpo.strategies import FlowStrategy
+from tests.helpers import flow_trainer, make_plan, strategy_of
 
 PROMPTS = load_split("train")[:3]  # Shapes entries (GenEval metadata for the verifier reward)
 
@@ -31,10 +31,11 @@ def _cfg(model, tmp_path, **kw):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("strategy, extra", [
-    ("flow_grpo", {}), ("dance_grpo", {"train_steps": 2}), ("g2rpo", {}),
-    ("g2rpo", {"antithetic": True, "noise_freqs": 2, "granularities": 2}), ("g2rpo", {"schedule_jitter": 2}),
-    ("mixgrpo", {"window_shift_every": 1}), ("mixgrpo", {"ode_solver": "dpm2", "ode_compress": 0.5}),
-    ("dense_grpo", {"calibrate_iterations": 1}),
+    ("flow_grpo", {}), ("dance_grpo", {"strategy_options": {"train_steps": 2}}), ("g2rpo", {}),
+    ("g2rpo", {"antithetic": True, "noise_freqs": 2, "strategy_options": {"granularities": 2}}),
+    ("g2rpo", {"schedule_jitter": 2}), ("mixgrpo", {"strategy_options": {"window_shift_every": 1}}),
+    ("mixgrpo", {"strategy_options": {"ode_solver": "dpm2", "ode_compress": 0.5}}),
+    ("dense_grpo", {"strategy_options": {"calibrate_iterations": 1}}),
 ])
 def test_every_strategy_recomputes_its_sampled_log_probs_exactly(tiny_model, tmp_path, precision, strategy, extra):
     trainer = flow_trainer(_cfg(tiny_model, tmp_path, strategy=strategy, precision=precision, **extra))
@@ -50,12 +51,11 @@ def test_a_group_sampled_as_one_row_until_its_branch_gives_the_row_by_row_sample
                       sde_steps=3, antithetic=True)
     policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4, dtype=torch.float64)
     plan = make_plan(PROMPTS, 4, iteration=3)
-    g2rpo = G2RPO(cfg)
+    g2rpo = strategy_of(cfg, policy)
     assert len(set(g2rpo.branch_steps(plan).tolist())) > 1  # groups branch at different steps
-    task = type("Task", (), {"policy": policy, "schedule": lambda self, plan: policy.sigmas(5)})()
-    branched = g2rpo.rollout(task, plan)
-    row_by_row = Strategy.rollout(g2rpo, task, plan)  # the same strategy, every row on its own
-    assert branched.branch_calls is not None and row_by_row.branch_calls is None
+    branched = g2rpo.rollout(plan)
+    row_by_row = FlowStrategy.rollout(g2rpo, plan)  # the same strategy, every row on its own
+    assert branched.branch_calls is not None and not hasattr(row_by_row, "branch_calls")
     assert torch.allclose(branched.latents, row_by_row.latents, atol=1e-10, rtol=0)
     assert torch.allclose(branched.log_probs, row_by_row.log_probs, atol=1e-10, rtol=0)
     assert torch.equal(branched.sde_mask, row_by_row.sde_mask)
@@ -76,7 +76,7 @@ def test_g2rpo_forward_passes_follow_the_shared_prefix_formula(tiny_model, tmp_p
                                          with_kwargs=True)
              for m in (policy.transformer, policy._reference)]
     prompts = PROMPTS * 2
-    branch = trainer.task.strategy.branch_steps(trainer.plan(prompts)).tolist()
+    branch = trainer.task.branch_steps(trainer.plan(prompts)).tolist()
     trainer.step(prompts)
     for h in hooks:
         h.remove()

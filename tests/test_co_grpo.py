@@ -9,14 +9,14 @@ from diffusers import AmusedPipeline
 from safetensors.torch import load_file
 
 from flowgrpo.config import ConfigError, make_config
-from flowgrpo.mdm_task import MDMTask
 from flowgrpo.policies.mdm import MaskedDiffusionPolicy
 from flowgrpo.policies.schedule import SchedulePolicy
 from flowgrpo.pretrain.mdm_model import MDMSpec, build_mdm_pipeline
 from flowgrpo.rewards.pairwise import PointwiseAsPairwise
 from flowgrpo.settings import BatchLayout
-from flowgrpo.train import make_task
-from flowgrpo.trainer import Plan, Trainer, settings_json
+from flowgrpo.strategies import ImageScoring
+from flowgrpo.train import build_trainer, make_task
+from flowgrpo.trainer import Plan, Trainer
 from tests.helpers import single
 
 TINY = MDMSpec(hidden_size=16, num_layers=1, heads=2, block_channels=8, embed_channels=8)
@@ -39,15 +39,16 @@ def tiny_mdm(tmp_path_factory):
     return path
 
 
-def config(tiny_mdm, tmp_path, **kw):
+def config(tiny_mdm, tmp_path, co_grpo=None, **kw):
+    """The shapes-mdm preset on the tiny model; ``co_grpo``: Co-GRPO's own options over the preset's."""
     values = dict(model=str(tiny_mdm), num_steps=4, prompts_per_iter=2, group_size=4, micro_batch=4, lr=1e-2,
-                  schedule_lr=0.1, out=str(tmp_path / "run"), log_with="", judge="", save_every=0)
+                  out=str(tmp_path / "run"), log_with="", judge="", save_every=0,
+                  co_grpo={"schedule_lr": 0.1, "model_steps": 0} | (co_grpo or {}))
     return make_config("shapes-mdm", overrides=values | kw)
 
 
 def trainer(cfg, reward=grey_share, judge=None) -> Trainer:
-    task, optimizer = make_task(cfg, single(), reward, judge)
-    return Trainer(task, cfg, single(), config_json=settings_json(cfg), optimizer=optimizer)
+    return build_trainer(cfg, single(), ImageScoring(reward, judge, cfg.pointwise_weight))
 
 
 def params(t: Trainer) -> dict[str, dict[str, torch.Tensor]]:
@@ -58,7 +59,7 @@ def params(t: Trainer) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("mode,train_steps", [("model", 0), ("schedule", 0), ("joint", 0), ("joint", 2)])
 def test_importance_ratio_is_one_on_the_first_inner_step(tiny_mdm, tmp_path, mode, train_steps):
-    t = trainer(config(tiny_mdm, tmp_path, co_mode=mode, inner_epochs=2, train_steps=train_steps))
+    t = trainer(config(tiny_mdm, tmp_path, {"mode": mode, "model_steps": train_steps}, inner_epochs=2))
     ro = t.task.rollout(t.plan(ROWS))
     policy = t.task.policy
     sampled = ro.sampled_log_probs()
@@ -77,7 +78,7 @@ def test_importance_ratio_is_one_on_the_first_inner_step(tiny_mdm, tmp_path, mod
 def test_each_mode_trains_only_its_part(tiny_mdm, tmp_path):
     for mode, frozen, moved in (("schedule", "transformer", "schedule"), ("model", "schedule", "transformer"),
                                 ("joint", None, "both")):
-        t = trainer(config(tiny_mdm, tmp_path / mode, co_mode=mode))
+        t = trainer(config(tiny_mdm, tmp_path / mode, {"mode": mode}))
         before = params(t)
         for _ in range(2):
             t.step(ROWS)
@@ -154,12 +155,14 @@ def test_rollouts_do_not_depend_on_the_number_of_processes(tiny_mdm, tmp_path):
 
 
 def test_masked_diffusion_options_are_checked(tiny_mdm, tmp_path):
-    with pytest.raises(ConfigError, match="co_mode 'both'"):
-        config(tiny_mdm, tmp_path, co_mode="both")
+    with pytest.raises(ConfigError, match="co_grpo.mode 'both'"):
+        config(tiny_mdm, tmp_path, {"mode": "both"})
+    with pytest.raises(ConfigError, match="strategy g2rpo trains flow-matching models; .* is a masked diffusion model"):
+        config(tiny_mdm, tmp_path, strategy="g2rpo", co_grpo={})
     with pytest.raises(ConfigError, match="lora_rank"):
         config(tiny_mdm, tmp_path, lora_rank=4)
     with pytest.raises(ConfigError, match="own schedule of 4 steps; num_steps=6"):
-        make_task(config(tiny_mdm, tmp_path, num_steps=6), single(), grey_share, None)
+        make_task(config(tiny_mdm, tmp_path, num_steps=6), single(), ImageScoring(grey_share))
 
 
 def test_train_command_runs_co_grpo_and_evaluates_the_learned_schedule(tiny_mdm, tmp_path):

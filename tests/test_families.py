@@ -46,7 +46,7 @@ def _policy(models, name, **kw) -> FlowPolicy:
 
 
 def _ode(policy, x, num_steps, guidance):
-    traj = sample_trajectory(policy._chunked_velocity(policy.cond(PROMPTS), guidance), x, policy.sigmas(num_steps),
+    traj = sample_trajectory(policy.velocity_fn(policy.cond(PROMPTS), guidance), x, policy.sigmas(num_steps),
                              sde_mask=torch.zeros(num_steps, dtype=torch.bool), generator=None)
     return traj.latents[:, -1]
 

@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from trl import GRPOConfig as TRLConfig
 from trl import GRPOTrainer
 
+from flowgrpo.policies.chunks import UpdateBatch
 from flowgrpo.policies.llm import LLMPolicy, SamplingConfig
 from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
 from flowgrpo.settings import GRPOSettings
-from flowgrpo.update import UpdateBatch, ppo_update
+from flowgrpo.update import ppo_update
 from tests.helpers import single
 
 # TRL loss_type -> flowgrpo loss_agg (one micro-batch, one process)

@@ -1,5 +1,4 @@
 """Pref-GRPO: win rates over all pairs of a group, winrate advantages, mixing with pointwise advantages."""
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,12 +8,12 @@ from flowgrpo.config import TrainConfig
 from flowgrpo.core import compute_advantages
 from flowgrpo.media import to_pixels
 from flowgrpo.policies.flow import Rollout
-from flowgrpo.pref import group_winrates, pref_advantages
 from flowgrpo.pretrain.data import images_to_tensor
 from flowgrpo.prompts.shapes import all_prompts
 from flowgrpo.rewards import build_judge, build_reward
 from flowgrpo.settings import BatchLayout
 from flowgrpo.shapes.render import render
+from flowgrpo.strategies.scoring import group_winrates, pref_advantages
 from flowgrpo.trainer import Plan
 from tests.helpers import single
 
@@ -59,5 +58,5 @@ def test_winrates_and_advantages_match_hand_computation():
     torch.testing.assert_close(adv.advantages,
                                compute_advantages("winrate", wins, gids, adv_clip=5.0).advantages.float())
     point = compute_advantages("grpo", scores, gids, adv_clip=5.0)
-    mixed = pref_advantages(judge, ro.images, plan, replace(cfg, pointwise_weight=0.25), point)
+    mixed = pref_advantages(judge, ro.images, plan, cfg, point, pointwise_weight=0.25)
     torch.testing.assert_close(mixed.advantages, 0.75 * adv.advantages + 0.25 * point.advantages)

@@ -6,11 +6,12 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flowgrpo.samplers.rollout import (
-    Trajectory, coarse_tail, dance_train_steps, group_noise, mixgrpo_window, sample_trajectory,
-)
+from flowgrpo.samplers.rollout import Trajectory, group_noise, sample_trajectory
 from flowgrpo.samplers.schedules import flow_sigmas
 from flowgrpo.samplers.steps import SDE_STEPS, ode_step, sde_log_prob
+from flowgrpo.strategies.dance_grpo import dance_train_steps
+from flowgrpo.strategies.g2rpo import coarse_tail
+from flowgrpo.strategies.mixgrpo import mixgrpo_window
 
 SD3 = {"num_train_timesteps": 1000, "shift": 3.0}
 N_STEPS = 8

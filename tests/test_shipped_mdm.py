@@ -69,16 +69,14 @@ def test_one_update_at_the_preset_learning_rates_moves_each_trajectory_along_its
     trajectories with positive advantages and lowers the others' (at 10x them everything fell: an overshoot)."""
     from flowgrpo.config import make_config
     from flowgrpo.prompts.loaders import load_prompts
-    from flowgrpo.rewards import build_reward
-    from flowgrpo.train import draw_prompts, make_task
-    from flowgrpo.trainer import Trainer, settings_json
+    from flowgrpo.train import build_trainer, draw_prompts
     from flowgrpo.update import ppo_update
     from tests.helpers import single
 
-    cfg = make_config("shapes-mdm", overrides=dict(co_mode=mode, prompts_per_iter=4, group_size=6, micro_batch=24,
-                                                   out=str(tmp_path), log_with="", save_every=0))
-    task, optimizer = make_task(cfg, single(), build_reward(cfg.reward, **cfg.reward_options), None)
-    trainer = Trainer(task, cfg, single(), config_json=settings_json(cfg), optimizer=optimizer)
+    cfg = make_config("shapes-mdm", overrides={"co_grpo.mode": mode, "prompts_per_iter": 4, "group_size": 6,
+                                               "micro_batch": 24, "out": str(tmp_path), "log_with": "", "save_every": 0})
+    trainer = build_trainer(cfg, single())
+    task = trainer.task
     plan = trainer.plan(draw_prompts(load_prompts(cfg.prompts), cfg, 0))
     ro = task.rollout(plan)
     adv = task.advantages(ro, task.score(ro, plan), plan, trainer)

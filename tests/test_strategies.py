@@ -13,9 +13,10 @@ from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.rewards import build_reward
-from flowgrpo.samplers.rollout import compressed_tail, sample_trajectory
+from flowgrpo.samplers.rollout import sample_trajectory
 from flowgrpo.samplers.steps import dpm2_step
-from flowgrpo.strategies.dense import calibrate_noise, dense_rewards
+from flowgrpo.strategies.dense_grpo import calibrate_noise, complete, dense_rewards
+from flowgrpo.strategies.mixgrpo import compressed_tail
 from tests.helpers import flow_trainer, make_plan
 
 PROMPTS = load_split("train")[:3]
@@ -28,9 +29,9 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def _cfg(model, tmp_path, **kw):
+def _cfg(model, tmp_path, strategy_options=None, **kw):
     base = dict(model=str(model), out=str(tmp_path), log_with="", prompts_per_iter=3, group_size=4, micro_batch=4,
-                num_steps=6, sde_steps=3, judge="", reward="shapes", beta=0.0)
+                num_steps=6, sde_steps=3, judge="", reward="shapes", beta=0.0, strategy_options=strategy_options or {})
     return TrainConfig(**(base | kw))
 
 
@@ -44,7 +45,7 @@ def test_completions_of_an_ode_trajectory_are_its_final_images(tiny_model):
     ro = policy.rollout(prompts, [e for e in PROMPTS for _ in range(2)], torch.arange(3).repeat_interleave(2), x,
                         sigmas=policy.sigmas(5), sde_mask=torch.zeros(5, dtype=torch.bool), guidance=4.5,
                         kind="flow_grpo", noise_level=0.0)
-    completed = policy.complete(ro, [0, 1, 2, 3, 4])
+    completed = complete(policy, ro, [0, 1, 2, 3, 4])
     assert completed.shape == (6, 5, *ro.images.shape[1:])
     for j in range(5):
         assert torch.allclose(completed[:, j], ro.images, atol=1e-10, rtol=0)
@@ -63,9 +64,9 @@ def test_dense_rewards_telescope_to_the_final_reward_minus_the_ode_from_the_init
     ro = task.rollout(plan)
     steps = ro.train_steps[0].tolist()
     assert steps == [0, 1, 2]
-    images = task.policy.complete(ro, [0, 1, 2])
-    values = {t: task.value(type(ro)(**{**ro.__dict__, "images": images[:, t]}), plan) for t in range(3)}
-    values[3] = task.value(ro, plan)
+    images = complete(task.policy, ro, [0, 1, 2])
+    values = {t: task.scoring.value(type(ro)(**{**ro.__dict__, "images": images[:, t]}), plan) for t in range(3)}
+    values[3] = task.scoring.value(ro, plan)
     dense = dense_rewards(values, steps)
     assert torch.allclose(dense.sum(dim=1), values[3] - values[0], atol=1e-12)
     assert dense.abs().sum() > 0  # the SDE steps move the rewards
@@ -92,12 +93,12 @@ def test_calibration_raises_the_noise_of_balanced_steps_and_lowers_the_others():
 
 
 def test_dense_noise_scale_is_calibrated_then_frozen_resumed_logged_and_plotted(tiny_model, tmp_path):
-    cfg = _cfg(tiny_model, tmp_path / "run", strategy="dense_grpo", calibrate_iterations=2, save_every=1,
+    cfg = _cfg(tiny_model, tmp_path / "run", {"calibrate_iterations": 2}, strategy="dense_grpo", save_every=1,
                eval_prompts="shapes:test")
     trainer = flow_trainer(cfg)
     for it in range(3):
         trainer.step(PROMPTS)
-    psi = trainer.task.strategy.psi
+    psi = trainer.task.psi
     hist = [[h[f"psi/step{t}"] for t in range(3)] for h in trainer.state.history["train"]]
     assert hist[1] == hist[2] == psi[:3] and hist[0] != hist[1]  # moved by calibration rounds 1 and 2 only
     assert [abs(round((p - 1) / 0.01)) for p in psi[:3]] == [2, 2, 2] or any(abs(p - 1) < 1e-9 for p in psi[:3])
@@ -105,7 +106,7 @@ def test_dense_noise_scale_is_calibrated_then_frozen_resumed_logged_and_plotted(
     trainer.save()
     again = flow_trainer(cfg)
     again.resume()
-    assert again.task.strategy.psi == psi
+    assert again.task.psi == psi
     trainer.task.report(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "noise_scale.json").read_text())["psi"] == psi
     assert (tmp_path / "run" / "noise_scale.png").is_file()
@@ -115,8 +116,8 @@ def test_dense_noise_scale_is_calibrated_then_frozen_resumed_logged_and_plotted(
 
 # ---- MixGRPO ------------------------------------------------------------------------------------------------------
 def test_mixgrpo_window_slides_trains_its_steps_and_resumes_at_the_same_position(tiny_model, tmp_path):
-    cfg = _cfg(tiny_model, tmp_path / "run", strategy="mixgrpo", sde_steps=2, window_shift_every=2,
-               window_stride=1, window_end=4, save_every=1)
+    cfg = _cfg(tiny_model, tmp_path / "run", {"window_shift_every": 2, "window_stride": 1, "window_end": 4},
+               strategy="mixgrpo", sde_steps=2, save_every=1)
     trainer = flow_trainer(cfg)
     starts = []
     for _ in range(4):
@@ -137,8 +138,8 @@ def test_mixgrpo_window_slides_trains_its_steps_and_resumes_at_the_same_position
 
 
 def test_mixgrpo_flash_schedule_and_solver_keep_the_ratio_and_compress_after_the_window(tiny_model, tmp_path):
-    cfg = _cfg(tiny_model, tmp_path, strategy="mixgrpo", num_steps=10, sde_steps=2, ode_solver="dpm2",
-               ode_compress=0.4)
+    cfg = _cfg(tiny_model, tmp_path, {"ode_solver": "dpm2", "ode_compress": 0.4}, strategy="mixgrpo", num_steps=10,
+               sde_steps=2)
     trainer = flow_trainer(cfg)
     plan = make_plan(PROMPTS, 4)
     ro = trainer.task.rollout(plan)

@@ -12,12 +12,13 @@ from flowgrpo.core import compute_advantages
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
-from flowgrpo.samplers.rollout import coarse_tail, group_noise
+from flowgrpo.samplers.rollout import group_noise
 from flowgrpo.samplers.schedules import offset_schedule
 from flowgrpo.settings import budget_progress
-from flowgrpo.strategies import STRATEGIES
+from flowgrpo.strategies import STRATEGIES, ImageScoring
+from flowgrpo.strategies.g2rpo import coarse_tail, finish_coarse
 from flowgrpo.train import draw_prompts, train
-from tests.helpers import flow_trainer, make_plan, one_update
+from tests.helpers import flow_trainer, make_plan, one_update, strategy_of
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares"]
 
@@ -90,7 +91,7 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antit
                       strategy="g2rpo", sde_steps=3, antithetic=antithetic, noise_freqs=noise_freqs)
     g = torch.Generator().manual_seed(4)
     plan = make_plan([{"prompt": p} for p in PROMPTS], 4, iteration=4)
-    strategy = STRATEGIES["g2rpo"](cfg)
+    strategy = strategy_of(cfg, policy)
     mask = strategy.sde_mask(plan, cfg.num_steps)
     assert mask.shape == (8, 4) and (mask.sum(dim=1) == 1).all() and not mask[:, 3].any()
     assert all(torch.equal(mask[4 * k], mask[4 * k + j]) for k in range(2) for j in range(4))  # one branch per group
@@ -122,7 +123,7 @@ def _g2rpo_rollout(policy, cfg, seed):
     plan = make_plan([{"prompt": p} for p in PROMPTS], 4, iteration=seed)
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
     return policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, plan.group_ids, x,
-                          sigmas=policy.sigmas(cfg.num_steps), sde_mask=STRATEGIES["g2rpo"](cfg).sde_mask(plan, cfg.num_steps),
+                          sigmas=policy.sigmas(cfg.num_steps), sde_mask=strategy_of(cfg, policy).sde_mask(plan, cfg.num_steps),
                           guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g)
 
 
@@ -131,10 +132,10 @@ def test_multi_granularity_finishes_each_branch_on_the_coarse_schedule(tiny_mode
     branch's x_{k+1} over σ[k+1], σ[k+2], σ[k+4], …, 0."""
     policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
     cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=6,
-                      strategy="g2rpo", sde_steps=3, granularities=2)
+                      strategy="g2rpo", sde_steps=3, strategy_options={"granularities": 2})
     ro = _g2rpo_rollout(policy, cfg, seed=5)
-    assert torch.allclose(policy.finish_coarse(ro, 1, 4.5), ro.images, atol=1e-5)
-    coarse = policy.finish_coarse(ro, 2, 4.5)
+    assert torch.allclose(finish_coarse(policy, ro, 1), ro.images, atol=1e-5)
+    coarse = finish_coarse(policy, ro, 2)
     assert (coarse - ro.images).abs().max() > 1e-3
     for row in (0, 4):
         k = int(ro.sde_mask[row].float().argmax())
@@ -144,32 +145,36 @@ def test_multi_granularity_finishes_each_branch_on_the_coarse_schedule(tiny_mode
             x = x + (b - a) * policy.velocity(x, a.expand(1), policy.cond([ro.prompts[row]]), 4.5)
         assert torch.allclose(policy.decode(x)[0], coarse[row], atol=1e-5)
     with pytest.raises(ValueError, match="one SDE"):
-        policy.finish_coarse(_rollout(policy, torch.Generator().manual_seed(0)), 2, 4.5)
+        finish_coarse(policy, _rollout(policy, torch.Generator().manual_seed(0)), 2)
 
 
 def test_multi_granularity_advantages_sum_each_granularity(tiny_model, tmp_path):
     """G²RPO's advantages = the advantages of the sampled images + those of the coarse-finished ones."""
     cfg = TrainConfig(model=str(tiny_model), prompts_per_iter=2, group_size=4, micro_batch=4, num_steps=6,
-                      strategy="g2rpo", sde_steps=3, granularities=2, out=str(tmp_path), log_with="")
+                      strategy="g2rpo", sde_steps=3, strategy_options={"granularities": 2}, out=str(tmp_path),
+                      log_with="")
     trainer = flow_trainer(cfg)
     task, policy = trainer.task, trainer.task.policy
 
     def reward_fn(images, prompts, metadata):  # any image statistic will do
         return images.mean(dim=(1, 2, 3))
 
-    task.reward_fn = reward_fn
+    task.scoring = ImageScoring(reward_fn)
     ro = _g2rpo_rollout(policy, cfg, seed=6)
     plan = make_plan([{"prompt": p} for p in PROMPTS], 4, iteration=6)
     adv = task.advantages(ro, reward_fn(ro.images, None, None), plan, trainer)
     a1 = compute_advantages("grpo", reward_fn(ro.images, None, None), ro.group_ids, adv_clip=cfg.adv_clip)
-    a2 = compute_advantages("grpo", reward_fn(policy.finish_coarse(ro, 2, 4.5), None, None), ro.group_ids,
+    a2 = compute_advantages("grpo", reward_fn(finish_coarse(policy, ro, 2), None, None), ro.group_ids,
                             adv_clip=cfg.adv_clip)
     assert torch.allclose(adv.advantages, a1.advantages + a2.advantages, atol=1e-6)
     assert "reward_granularity2" in adv.stats
-    with pytest.raises(ConfigError, match="needs strategy g2rpo"):
-        TrainConfig(strategy="flow_grpo", granularities=2)
+    with pytest.raises(ConfigError, match=r"--g2rpo.granularities \(an option of strategy g2rpo\): this run's strategy "
+                                          "is flow_grpo"):
+        make_config(overrides={"strategy": "flow_grpo", "g2rpo.granularities": 2})
+    with pytest.raises(ConfigError, match="unknown option.*'granularities'.* of strategy flow_grpo"):
+        TrainConfig(strategy="flow_grpo", strategy_options={"granularities": 2})
     with pytest.raises(ConfigError, match="per-prompt statistics"):
-        TrainConfig(advantage="spo", granularities=3)
+        TrainConfig(advantage="spo", judge="", strategy_options={"granularities": 3})
 
 
 class RecordingAdamW(torch.optim.AdamW):
@@ -380,8 +385,9 @@ def test_config_validation_names_the_numbers(tmp_path):
     with pytest.raises(ConfigError, match=r"each of 3 process\(es\) holds 32 samples per optimizer step "
                                           r"\(optimizer_steps=1\), not a multiple of micro_batch=24"):
         cfg.layout(3)
-    with pytest.raises(ConfigError, match="train_steps=2 picks DanceGRPO's trained subset: it needs strategy dance_grpo"):
-        TrainConfig(train_steps=2)
+    with pytest.raises(ConfigError, match=r"--dance-grpo.train-steps \(an option of strategy dance_grpo\): this run's "
+                                          "strategy is g2rpo"):
+        make_config("shapes", overrides={"dance_grpo.train_steps": 2})
     with pytest.raises(ConfigError, match="unknown option"):
         make_config("shapes", overrides={"learning_rate": 1})
     with pytest.raises(ConfigError, match="needs --model PATH"):
@@ -413,7 +419,13 @@ def test_train_help_explains_every_option(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for f in fields(TrainConfig):
         assert len(f.metadata.get("help", "")) > 10, f"{f.name} has no help text"
-        assert f"--{f.name.replace('_', '-')}" in text
+        if f.name != "strategy_options":  # on the command line: each strategy's options under its name
+            assert f"--{f.name.replace('_', '-')}" in text
+    for name, cls in STRATEGIES.items():
+        assert f"strategy {name}: {' '.join(cls.__doc__.split())}" in text
+        for f in fields(cls.Options):
+            assert len(f.metadata["help"]) > 10 and f"--{name.replace('_', '-')}.{f.name.replace('_', '-')}" in text
+    assert "--window-shift-every" not in text  # the old spellings are read, not shown
     assert "k x k lowest DCT frequencies of each latent channel" in text
     # the preset's value, not the dataclass default ('')
     assert "pointwise GRPO advantages (shapes preset: 'shapes')" in text

@@ -8,8 +8,10 @@ enters the backward graph. `autocast` runs the transformer in mixed precision (e
 sampler's and the loss's maths stay fp32. Prompt conditioning is cached: the text encoders are frozen.
 
 For the trainer (`flowgrpo.update`) the policy exposes its trained elements as a grid of rows x trained steps:
-`columns` (one step per forward), `log_prob`, `reference_out` and `kl` (the Gaussian-mean KL of the step).
-`bind` makes training forwards go through the data-parallel wrapper of the transformer.
+`chunks` (one step per forward), `log_prob`, `reference_out` and `kl` (the Gaussian-mean KL of the step).
+`bind` makes training forwards go through the data-parallel wrapper of the transformer. Rollout strategies sample
+through a narrow interface: `cond`, `velocity_fn`, `velocity`, `decode`, `latent_shape`, `sigmas` and `rollout`
+(one trajectory per row); what a strategy samples otherwise (G²RPO's branches, DenseGRPO's completions) is its own.
 """
 from __future__ import annotations
 
@@ -27,10 +29,9 @@ from flowgrpo.core import gaussian_mean_kl
 from flowgrpo.policies.chunks import Chunk, grid_chunks
 from flowgrpo.policies.families import Cond, Family, family_for
 from flowgrpo.policies.state import load_trainable, trainable_state_dict
-from flowgrpo.samplers.branched import sample_branched
 from flowgrpo.samplers.noise import KeyedNoise
-from flowgrpo.samplers.rollout import coarse_tail, sample_trajectory
-from flowgrpo.samplers.steps import gaussian_log_prob, ode_step, transition_mean_std
+from flowgrpo.samplers.rollout import sample_trajectory
+from flowgrpo.samplers.steps import gaussian_log_prob, transition_mean_std
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -72,9 +73,6 @@ class Rollout:
     noise_freqs: int = 0  # > 0: the SDE noise lived in the lowest noise_freqs x noise_freqs DCT frequencies
     guidance: float = 1.0  # the CFG scale sampling used (training recomputes with it)
     train_steps: Tensor | None = None  # [B, S] the steps each row trains on (chosen by the rollout strategy)
-    # G²RPO rollouts computed per group: the branch calls (step, groups) as sampled, and each row's group
-    branch_calls: list[tuple[int, Tensor]] | None = None
-    member_group: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -302,10 +300,11 @@ class FlowPolicy:
         v_c, v_u = v[: x.shape[0]], v[x.shape[0]:]
         return v_u + guidance * (v_c - v_u)
 
-    def _chunked_velocity(self, cond: Cond, guidance: float, *, exact: bool = True):
+    def velocity_fn(self, cond: Cond, guidance: float, *, exact: bool = True):
         """``fn(x, sigma, index=None)``: velocities in micro-batches, row i conditioned on ``cond`` row ``index[i]``
         (default i). ``exact``: the CFG branches as the separate calls training repeats (steps whose log-prob
-        trains); else one call for both (deterministic steps)."""
+        trains); else one call for both (deterministic steps). With ``cond``, ``decode``, ``latent_shape`` and
+        ``velocity`` this is what rollout strategies sample through."""
         def fn(x: Tensor, sigma: Tensor, index: Tensor | None = None) -> Tensor:
             c = cond if index is None else {k: v[index.to(v.device)] for k, v in cond.items()}
             out = []
@@ -324,65 +323,12 @@ class FlowPolicy:
                 noise_freqs: int = 0, ode_solver: str = "euler") -> Rollout:
         """Sample trajectories from ``x_init``; SDE noise from per-row ``noise`` (training) or one ``generator``."""
         cond = self.cond(prompts)
-        traj = sample_trajectory(self._chunked_velocity(cond, guidance, exact=False), x_init.to(self.device), sigmas,
+        traj = sample_trajectory(self.velocity_fn(cond, guidance, exact=False), x_init.to(self.device), sigmas,
                                  sde_mask=sde_mask, kind=kind, noise_level=noise_level, generator=generator,
                                  noise=noise, antithetic=antithetic, noise_freqs=noise_freqs,
-                                 exact_velocity_fn=self._chunked_velocity(cond, guidance), ode_solver=ode_solver)
+                                 exact_velocity_fn=self.velocity_fn(cond, guidance), ode_solver=ode_solver)
         return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
                        kind, traj.noise_level, self.decode(traj.latents[:, -1]), noise_freqs, guidance)
-
-    @torch.no_grad()
-    def rollout_branched(self, prompts: list[str], metadata: list[dict], group_ids: Tensor, x_groups: Tensor,
-                         branch: Tensor, *, sigmas: Tensor, guidance: float, kind: str, noise_level: float,
-                         noise: KeyedNoise, noise_freqs: int = 0) -> Rollout:
-        """G²RPO rollouts computed per group (`flowgrpo.samplers.branched`): the rows of a group (same ``group_ids``)
-        share ``x_groups`` [P] (one per distinct group, in order of first appearance) and their path up to
-        ``branch`` [P]; each takes one SDE step there."""
-        _, member_group = torch.unique_consecutive(group_ids, return_inverse=True)
-        firsts = torch.nonzero(torch.cat([torch.tensor([True]), member_group[1:] != member_group[:-1]])).flatten()
-        cond = self.cond([prompts[int(i)] for i in firsts])
-        traj = sample_branched(self._chunked_velocity(cond, guidance, exact=False), self._chunked_velocity(cond, guidance),
-                               x_groups.to(self.device), sigmas, branch, member_group, noise=noise, kind=kind,
-                               noise_level=noise_level, noise_freqs=noise_freqs, call_size=self.micro_batch)
-        return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
-                       kind, noise_level, self.decode(traj.latents[:, -1]), noise_freqs, guidance,
-                       branch_calls=traj.branch_calls, member_group=member_group)
-
-    @torch.no_grad()
-    def finish_coarse(self, ro: Rollout, granularity: int, guidance: float) -> Tensor:
-        """G²RPO multi-granularity: images of every row's branch (its one SDE step) finished by ODE on the
-        `coarse_tail` schedule of this granularity, [B, 3, H, W]."""
-        mask = ro.sde_mask.expand(len(ro), ro.sde_mask.shape[-1])
-        if not bool((mask.sum(dim=1) == 1).all()):
-            raise ValueError("multi-granularity finishing needs exactly one SDE (branch) step per row")
-        branch = mask.float().argmax(dim=1)
-        images = torch.empty_like(ro.images)
-        for k in branch.unique().tolist():
-            rows = torch.nonzero(branch == k).flatten()
-            tail, x = coarse_tail(ro.sigmas, k, granularity), ro.latents[rows, k + 1]
-            if len(tail) > 1:
-                velocity = self._chunked_velocity(self.cond([ro.prompts[i] for i in rows]), guidance)
-                x = sample_trajectory(velocity, x, tail, sde_mask=torch.zeros(len(tail) - 1, dtype=torch.bool),
-                                      generator=None).latents[:, -1]
-            images[rows] = self.decode(x)
-        return images
-
-    @torch.no_grad()
-    def complete(self, ro: Rollout, starts: list[int]) -> Tensor:
-        """DenseGRPO's intermediate clean images: every row's latent at each step in ``starts`` finished by ODE (Euler)
-        on the rollout's own schedule, all rows and starts in the same calls, [b, len(starts), 3, H, W]."""
-        b, n, t_total = len(ro), len(starts), ro.sigmas.numel() - 1
-        rows = torch.arange(b).repeat(n)  # pair j * b + i: row i from starts[j]
-        start = torch.tensor(starts).repeat_interleave(b)
-        x = ro.latents[rows, start].clone()
-        velocity = self._chunked_velocity(self.cond(ro.prompts), ro.guidance, exact=False)
-        sigmas = ro.sigmas.to(x.device)
-        for t in range(min(starts), t_total):
-            idx = torch.nonzero(start <= t).flatten()
-            v = velocity(x[idx], sigmas[t].expand(len(idx)), rows[idx])
-            x[idx] = ode_step(x[idx], v, sigmas[t], sigmas[t + 1]).to(x.dtype)
-        images = self.decode(x)
-        return images.view(n, b, *images.shape[1:]).transpose(0, 1)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -400,7 +346,7 @@ class FlowPolicy:
         images [B, 3, H, W] in [0, 1]."""
         sigmas = self.sigmas(num_steps)
         x = x_init if x_init is not None else torch.randn((len(prompts), *self.latent_shape()), generator=generator)
-        traj = sample_trajectory(self._chunked_velocity(self.cond(prompts), guidance), x.to(self.device), sigmas,
+        traj = sample_trajectory(self.velocity_fn(self.cond(prompts), guidance), x.to(self.device), sigmas,
                                  sde_mask=torch.zeros(num_steps, dtype=torch.bool))
         return self.decode(traj.latents[:, -1])
 
@@ -421,44 +367,17 @@ class FlowPolicy:
 
     def chunks(self, ro: Rollout, rows: slice, micro_batch: int) -> list[Chunk]:
         """The trained elements of ``rows`` as the sampler evaluated them: micro-batches of rows, one trained step
-        (column) each; for per-group G²RPO rollouts, each branch call with the members of its groups in ``rows``."""
-        if ro.branch_calls is None:
-            return grid_chunks(rows, micro_batch, [slice(k, k + 1) for k in range(ro.train_steps.shape[1])])
-        local = torch.arange(rows.start, rows.stop)
-        out = []
-        for j, (t, groups) in enumerate(ro.branch_calls):
-            members = local[torch.isin(ro.member_group[local], groups)]
-            if len(members):
-                out.append(Chunk(members, slice(0, 1), ("branch", j), (t, groups)))
-        return out
+        (column) each."""
+        return grid_chunks(rows, micro_batch, [slice(k, k + 1) for k in range(ro.train_steps.shape[1])])
 
     def log_prob(self, ro: Rollout, chunk: Chunk) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """log-probs [n, 1] of the chunk's trained steps (with gradient), and (mean, std) for the KL."""
-        if chunk.call is None:
-            logp, mean, std = self.step_log_prob(ro, chunk.rows, ro.train_steps[chunk.rows, chunk.cols.start])
-            return logp[:, None], (mean, std)
-        return self._branch_log_prob(ro, chunk)
-
-    def _branch_log_prob(self, ro: Rollout, chunk: Chunk, *, transformer=None, grad: bool = True):
-        """One G²RPO branch call as sampled: the velocity at each group's shared x_t (the same rows in the same
-        call), then the log-density of each member's own step from it."""
-        t, groups = chunk.call
-        first = torch.stack([torch.nonzero(ro.member_group == g).flatten()[0] for g in groups.tolist()])
-        x = ro.latents[first, t]
-        sigma, sigma_next = ro.sigmas[t].to(x.device), ro.sigmas[t + 1].to(x.device)
-        cond = self.cond([ro.prompts[int(i)] for i in first])
-        v = self.velocity(x, sigma.expand(len(first)), cond, ro.guidance, transformer=transformer, grad=grad)
-        mean, std = transition_mean_std(ro.kind, x, v, sigma, sigma_next, ro.level(torch.tensor([t])),
-                                        sigma_max=float(ro.sigmas[1]), noise_freqs=ro.noise_freqs)
-        slot = torch.searchsorted(groups.to(x.device), ro.member_group[chunk.rows].to(x.device))
-        logp = gaussian_log_prob(ro.latents[chunk.rows, t + 1], mean[slot], std, ro.noise_freqs)
-        return logp[:, None], (mean[slot], std)
+        logp, mean, std = self.step_log_prob(ro, chunk.rows, ro.train_steps[chunk.rows, chunk.cols.start])
+        return logp[:, None], (mean, std)
 
     def reference_out(self, ro: Rollout, chunk: Chunk) -> Tensor:
         """The reference policy's step mean for the same elements (no gradient)."""
         with self.reference() as ref:
-            if chunk.call is not None:
-                return self._branch_log_prob(ro, chunk, transformer=ref, grad=False)[1][0]
             return self.step_log_prob(ro, chunk.rows, ro.train_steps[chunk.rows, chunk.cols.start], transformer=ref,
                                       grad=False)[1]
 
