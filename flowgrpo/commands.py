@@ -18,9 +18,11 @@ def _train(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:  # old option names: one line each, not a source dump
             warnings.simplefilter("always", FutureWarning)
-            cfg = make_config(args.preset, args.config, overrides_from_args(args))
-        for w in caught:
-            print(f"flowgrpo train: warning: {w.message}", file=sys.stderr)
+            try:
+                cfg = make_config(args.preset, args.config, overrides_from_args(args))
+            finally:
+                for w in caught:
+                    print(f"flowgrpo train: warning: {w.message}", file=sys.stderr)
         train(cfg)
     except (ConfigError, PromptFileError, LaunchError, CheckpointError, UnscorableError) as err:
         print(f"flowgrpo train: error: {err}", file=sys.stderr)

@@ -431,3 +431,35 @@ def test_train_help_explains_every_option(capsys):
     assert "pointwise GRPO advantages (shapes preset: 'shapes')" in text
     args = parser.parse_args(["train", "--noise-freqs", "8", "--antithetic", "true"])
     assert args.noise_freqs == "8" and args.antithetic == "true" and args.lr is None
+
+
+def test_strategy_options_from_the_command_line_yaml_and_the_old_flat_names(tmp_path):
+    cfg = make_config("shapes", overrides={"strategy": "mixgrpo", "mixgrpo.window_shift_every": "3"})
+    assert cfg.strategy_options.window_shift_every == 3 and cfg.strategy_options.ode_solver == "euler"
+    y = tmp_path / "run.yaml"
+    y.write_text("strategy: mixgrpo\nsde_steps: 2\nmixgrpo: {window_end: 4, ode_solver: dpm2}\n")
+    cfg = make_config("shapes", str(y), {"mixgrpo.window_end": "5"})  # later sources win, option by option
+    assert (cfg.strategy_options.window_end, cfg.strategy_options.ode_solver) == (5, "dpm2")
+    assert make_config("shapes-mdm").strategy == "co_grpo"  # the model kind's strategy
+    with pytest.warns(FutureWarning, match=r"--window-shift-every \(window_shift_every\) is now "
+                                           r"--mixgrpo.window-shift-every"):
+        cfg = make_config("shapes", overrides={"strategy": "mixgrpo", "window_shift_every": "3"})
+    assert cfg.strategy_options.window_shift_every == 3
+    with pytest.warns(FutureWarning, match="is now --co-grpo.model-steps"):  # train_steps meant two things
+        assert make_config("shapes-mdm", overrides={"train_steps": 2}).strategy_options.model_steps == 2
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['window'\] of strategy mixgrpo"):
+        make_config("shapes", overrides={"strategy": "mixgrpo", "mixgrpo.window": 2})
+    with pytest.raises(ConfigError, match="mixgrpo.ode_solver 'rk4' is not one of"):
+        make_config("shapes", overrides={"strategy": "mixgrpo", "mixgrpo.ode_solver": "rk4"})
+
+
+def test_an_old_option_name_on_the_command_line_warns_in_one_line(tmp_path, capsys):
+    from flowgrpo.cli import main
+
+    assert main(["train", "--strategy", "flow_grpo", "--window-shift-every", "3", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["flowgrpo train: warning: --window-shift-every (window_shift_every) is now "
+                   "--mixgrpo.window-shift-every (mixgrpo: {window_shift_every: ...} in YAML); the old name is read "
+                   "for one more release",
+                   "flowgrpo train: error: --mixgrpo.window-shift-every (an option of strategy mixgrpo): this run's "
+                   "strategy is flow_grpo"]
