@@ -39,13 +39,34 @@ class GenevalResult:
     # per tag: fraction of images with more well-formed objects than asked (`spare_objects`; GenEval passes them
     # outside counting, so accuracy hides a model that learns to hedge by drawing extra objects)
     spares: dict[str, float]
-    grid: list[tuple[np.ndarray, bool, str]] = field(default_factory=list)  # (image, passed, tag) to look at
+    grid: list[tuple[np.ndarray, bool, str]] = field(default_factory=list)  # (image, passed, prompt) to look at
 
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "stderr": self.stderr, "n_images": self.n_images,
                 "malformed": self.malformed, "empty": self.empty, "background_noise": self.background_noise,
                 "diversity": self.diversity, "failures": self.failures, "count_errors": self.count_errors,
                 "spares": self.spares}
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars for the trackers."""
+        return {f"eval/{k}": v for k, v in self.accuracy.items()} | {
+            "eval/malformed": self.malformed, "eval/background_noise": self.background_noise,
+            "eval/diversity": self.diversity}
+
+    def line(self) -> str:
+        return f"overall {100 * self.accuracy['overall']:.1f}% (malformed {100 * self.malformed:.1f}%)"
+
+    def grid_image(self, per_row: int = 8):
+        """The grid of the picked images (rows = tags), each with its prompt, green border = pass; None if none."""
+        if not self.grid:
+            return None
+        return image_grid([img for img, _, _ in self.grid], per_row, borders=[PASS if ok else FAIL for _, ok, _ in
+                                                                              self.grid],
+                          captions=[prompt for _, _, prompt in self.grid])
+
+    def write(self, out: str | Path, name: str = "model") -> Path:
+        """results.json, report.md and grid.png."""
+        return write_report(self, out, name=name)
 
 
 def check_shapes_metadata(entries: list[dict]) -> None:
@@ -138,7 +159,7 @@ def score_images(images: list[np.ndarray], entries: list[dict], scorer=verify) -
     metric = GenevalMetric(ordered_tags(entries), scorer)
     metric.update(images, entries)
     result = metric.compute()
-    result.grid = [(images[i], metric.last_passed[i], entries[i]["tag"]) for i in grid_picks(entries)]
+    result.grid = [(images[i], metric.last_passed[i], entries[i]["prompt"]) for i in grid_picks(entries)]
     return result
 
 
@@ -159,12 +180,12 @@ def evaluate(policy, entries: list[dict], *, images_per_prompt: int, num_steps: 
                                      guidance=guidance, seed=seed, batch=batch, progress=progress, dist=dist):
         images = to_uint8(x)
         metric.update(images, chunk)
-        grid += [(i, images[i - rows.start], metric.last_passed[i - rows.start], todo[i]["tag"])
+        grid += [(i, images[i - rows.start], metric.last_passed[i - rows.start], todo[i]["prompt"])
                  for i in range(rows.start, rows.stop) if i in picks]
     result = metric.compute()
     if dist is not None:
         grid = dist.gather_objects(grid)
-    result.grid = [(img, ok, tag) for _, img, ok, tag in sorted(grid, key=lambda t: t[0])]
+    result.grid = [(img, ok, prompt) for _, img, ok, prompt in sorted(grid, key=lambda t: t[0])]
     return result
 
 
@@ -219,13 +240,13 @@ def report_markdown(results: dict[str, dict]) -> str:
 
 
 def write_report(result: GenevalResult, out: str | Path, *, name: str = "model", grid_per_tag: int = 8) -> Path:
-    """results.json, report.md and grid.png (rows = tags, green/red borders = pass/fail)."""
+    """results.json, report.md and grid.png (rows = tags, each image captioned with its prompt, green/red borders =
+    pass/fail)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.summary(), indent=1))
     (out / "report.md").write_text(report_markdown({name: result.summary()}))
-    if result.grid:
-        grid = image_grid([img for img, _, _ in result.grid], grid_per_tag,
-                          borders=[PASS if ok else FAIL for _, ok, _ in result.grid])
+    grid = result.grid_image(grid_per_tag)
+    if grid is not None:
         grid.save(out / "grid.png")
     return out

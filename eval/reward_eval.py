@@ -44,6 +44,30 @@ class RewardEvalResult:
                "n_nan": int(np.isnan(self.rewards).sum())}
         return out | ({"reward_by_tag": self.by_tag()} if self.by_tag() else {})
 
+    def metrics(self) -> dict[str, float]:
+        return {"eval/reward": self.mean} | {f"eval/reward/{t}": v for t, v in self.by_tag().items()}
+
+    def line(self) -> str:
+        return f"eval reward {self.mean:.4f} ± {self.stderr:.4f}"
+
+    def grid_image(self, ncols: int = 8):
+        """The first images, each with its prompt and reward; None if none."""
+        if not self.images:
+            return None
+        n = len(self.images)
+        captions = [f"{r:.3f} {e['prompt']}" for r, e in zip(self.rewards[:n], self.entries[:n])]
+        return image_grid(self.images, min(ncols, n), captions=captions)
+
+    def write(self, out: str | Path, name: str = "model") -> Path:
+        """results.json and grid.png."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(self.summary(), indent=1))
+        grid = self.grid_image()
+        if grid is not None:
+            grid.save(out / "grid.png")
+        return out
+
 
 def is_geneval(entries: list[dict]) -> bool:
     """True when every entry carries GenEval requirements (`include`), so the verifier can score it."""
@@ -70,14 +94,3 @@ def evaluate_reward(policy, entries: list[dict], reward_fn, *, images_per_prompt
         scored = dist.gather_objects(scored)
     scored.sort(key=lambda t: t[0])
     return RewardEvalResult([r for _, r, _ in scored], [img for _, _, img in scored if img is not None], todo)
-
-
-def write_reward_report(result: RewardEvalResult, out: str | Path, *, grid_size: int = 24, ncols: int = 8) -> Path:
-    """results.json and grid.png (the first `grid_size` images, captioned with their rewards)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result.summary(), indent=1))
-    n = min(grid_size, len(result.images))
-    grid = image_grid(result.images[:n], min(ncols, n), captions=[f"{r:.3f}" for r in result.rewards[:n]])
-    grid.save(out / "grid.png")
-    return out

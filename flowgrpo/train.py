@@ -11,13 +11,14 @@ import contextlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from flowgrpo.config import ConfigError, TrainConfig, check_tag_weights
 from flowgrpo.distributed import Dist
-from flowgrpo.eval.geneval import GenevalResult, evaluate, markdown_table, report_markdown, write_report
-from flowgrpo.eval.reward_eval import RewardEvalResult, evaluate_reward, is_geneval, write_reward_report
+from flowgrpo.eval.evaluators import EvalResult, Evaluator, ImageSampling, image_evaluator
+from flowgrpo.eval.plots import line_plot
 from flowgrpo.policies.flow import FlowPolicy
 from flowgrpo.policies.mdm import MaskedDiffusionPolicy
 from flowgrpo.prompts.loaders import load_prompts, ordered_tags, tag_balanced_indices
@@ -82,11 +83,24 @@ def build_scoring(cfg: TrainConfig) -> ImageScoring:
     return ImageScoring(reward_fn, judge, cfg.pointwise_weight)
 
 
-def build_trainer(cfg: TrainConfig, dist: Dist, scoring: ImageScoring | None = None, log=None) -> Trainer:
-    """The trainer `flowgrpo train` runs for ``cfg`` on ``dist``'s processes (its task: the strategy)."""
+def build_trainer(cfg: TrainConfig, dist: Dist, scoring: ImageScoring | None = None, *,
+                  trackers: bool = False) -> Trainer:
+    """The trainer `flowgrpo train` runs for ``cfg`` on ``dist``'s processes (its task: the strategy); with
+    ``trackers`` it logs to the accelerator's (TensorBoard by default)."""
     task, optimizer = make_task(cfg, dist, scoring or build_scoring(cfg))
+    acc = dist.accelerator
     return Trainer(task, cfg, dist, config_json=settings_json(cfg), optimizer=optimizer, ema_decay=cfg.ema_decay,
-                   log=log)
+                   log=(lambda metrics, step: acc.log(metrics, step=step)) if trackers else None,
+                   log_images=(lambda images, step: log_images(acc, images, step)) if trackers else None)
+
+
+def log_images(accelerator, images: dict, step: int) -> None:
+    """Named PIL images to every tracker that takes images (TensorBoard as an HWC batch of one)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({k: np.asarray(v)[None] for k, v in images.items()}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({k: [v] for k, v in images.items()}, step=step)
 
 
 def draw_prompts(entries: list[dict], cfg: TrainConfig, iteration: int) -> list[dict]:
@@ -101,53 +115,63 @@ def draw_prompts(entries: list[dict], cfg: TrainConfig, iteration: int) -> list[
 
 
 class Evaluation:
-    """Evaluations of the run (split over its processes): GenEval accuracy when the eval prompts carry GenEval
-    metadata, else the training reward's mean. Always in fp32, with the EMA weights when the run keeps them."""
+    """The run's evaluations with its one evaluator (split over its processes), always in fp32 and with the EMA
+    weights when the run keeps them: reports and grids under out/eval/NAME, the scores in the training history and the
+    trackers (scalars, the grid and the curve of every evaluation so far)."""
 
-    def __init__(self, trainer: Trainer, entries: list[dict], cfg: TrainConfig, reward_fn):
-        self.trainer, self.entries, self.cfg, self.reward_fn = trainer, entries, cfg, reward_fn
-        self.out = Path(cfg.out)
+    def __init__(self, trainer: Trainer, evaluator: Evaluator, out: Path, eval_every: int):
+        self.trainer, self.evaluator, self.out, self.eval_every = trainer, evaluator, out, eval_every
 
     def weights(self):
         ema, module = self.trainer.ema, self.trainer.task.policy.trainable_module()
         return ema.applied(module) if ema is not None else contextlib.nullcontext()
 
-    def run(self, name: str) -> GenevalResult | RewardEvalResult:
-        cfg, policy, dist = self.cfg, self.trainer.task.policy, self.trainer.dist
-        mdm = self.trainer.task.kind == "mdm"  # samples with its own (learned) schedule, in fp32
-        kw = dict(images_per_prompt=cfg.eval_images_per_prompt, num_steps=None if mdm else cfg.eval_num_steps,
-                  guidance=None if mdm else cfg.guidance, seed=cfg.seed, dist=dist)
-        with self.weights(), contextlib.nullcontext() if mdm else policy.precision(None):
-            if is_geneval(self.entries):
-                result = evaluate(policy, self.entries, **kw)
-                write = write_report
-            else:
-                result = evaluate_reward(policy, self.entries, self.reward_fn, **kw)
-                write = write_reward_report
-        if dist.is_main:
-            write(result, self.out / "eval" / name, **({"name": name} if write is write_report else {}))
-            self.trainer.task.report(self.out)
-        self.trainer.state.history["eval"].append({"iteration": self.trainer.state.iteration, **result.summary()})
+    def run(self, name: str) -> EvalResult:
+        trainer, policy = self.trainer, self.trainer.task.policy
+        with self.weights(), policy.precision(None):
+            result = self.evaluator.run(policy, trainer.dist)
+        trainer.state.history["eval"].append({"iteration": trainer.state.iteration, **result.summary()})
+        if trainer.dist.is_main:
+            result.write(self.out / "eval" / name, name)
+            trainer.task.report(self.out)
         return result
 
     def after_step(self, metrics: dict) -> None:
-        if self.trainer.state.iteration % self.cfg.eval_every == 0:
+        if self.trainer.state.iteration % self.eval_every == 0:
             self.report(self.run(f"iter{self.trainer.state.iteration:05d}"))
 
-    def report(self, r: GenevalResult | RewardEvalResult) -> None:
+    def report(self, result: EvalResult) -> None:
         """Log an evaluation to the trackers and the console (process 0)."""
         trainer = self.trainer
         if not trainer.dist.is_main:
             return
-        it, grid = trainer.state.iteration, self.out / "eval" / f"iter{trainer.state.iteration:05d}" / "grid.png"
-        if isinstance(r, RewardEvalResult):
-            trainer.log({"eval/reward": r.mean}, it)
-            tqdm.write(f"iteration {it}: eval reward {r.mean:.4f} ± {r.stderr:.4f} (grid {grid})")
-            return
-        trainer.log({f"eval/{k}": v for k, v in r.accuracy.items()} | {
-            "eval/malformed": r.malformed, "eval/background_noise": r.background_noise, "eval/diversity": r.diversity}, it)
-        tqdm.write(f"iteration {it}: overall {100 * r.accuracy['overall']:.1f}% (malformed {100 * r.malformed:.1f}%, "
-                   f"grid {grid})")
+        it = trainer.state.iteration
+        trainer.log(result.metrics(), it)
+        images = {"eval/grid": result.grid_image(), "eval/curve": self.curve()}
+        trainer.log_images({k: v for k, v in images.items() if v is not None}, it)
+        tqdm.write(f"iteration {it}: {result.line()} (grid {self.out / 'eval' / f'iter{it:05d}' / 'grid.png'})")
+
+    def curve(self):
+        """eval/curve.png: the evaluator's score (± 1 standard error) at every evaluation so far, as an image."""
+        from PIL import Image
+
+        records = self.trainer.state.history["eval"]
+        scores = [self.evaluator.score(r) for r in records]
+        path = line_plot({self.evaluator.name: ([r["iteration"] for r in records], [s for s, _ in scores],
+                                                [e for _, e in scores])},
+                         self.out / "eval" / "curve.png", title=f"{self.evaluator.name} during training",
+                         xlabel="iteration", ylabel=self.evaluator.name)
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
+
+def make_evaluator(cfg: TrainConfig, entries: list[dict], reward_fn, kind: str) -> Evaluator:
+    """The run's evaluator: GenEval accuracy for GenEval metadata, else the training reward's mean; a masked
+    diffusion model samples with its own (learned) schedule."""
+    own_schedule = kind == "mdm"
+    sampling = ImageSampling(cfg.eval_images_per_prompt, None if own_schedule else cfg.eval_num_steps,
+                             None if own_schedule else cfg.guidance, cfg.seed)
+    return image_evaluator(entries, reward_fn, sampling)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -165,15 +189,15 @@ def train(cfg: TrainConfig) -> dict:
                                                            if isinstance(v, (int, float, str, bool))})
         tqdm.write(f"training on {dist.world_size} process(es) ({dist.device}): {layout.samples} samples per "
                    f"iteration, {layout.per_process} per process in forward passes of {layout.micro_batch}")
-    trainer = build_trainer(cfg, dist, scoring, log=lambda metrics, step: dist.accelerator.log(metrics, step=step))
+    trainer = build_trainer(cfg, dist, scoring, trackers=True)
     policy = trainer.task.policy
     trainer.resume()
-    evaluation = Evaluation(trainer, eval_entries, cfg, scoring.reward_fn)
+    evaluator = make_evaluator(cfg, eval_entries, scoring.reward_fn, trainer.task.kind)
+    evaluation = Evaluation(trainer, evaluator, out, cfg.eval_every)
     if not trainer.state.history["eval"]:
         base = evaluation.run("base")
         if dist.is_main:
-            tqdm.write("base model: " + (f"eval reward {base.mean:.4f} ± {base.stderr:.4f}"
-                                         if isinstance(base, RewardEvalResult) else "\n" + markdown_table({"base": base.summary()})))
+            tqdm.write(f"base model: {base.line()}\n{evaluator.table({'base': base.summary()}, brief=True)}")
 
     # ---- iterate
     trainer.fit(lambda it: draw_prompts(train_entries, cfg, it), iterations=cfg.iterations,
@@ -188,11 +212,11 @@ def train(cfg: TrainConfig) -> dict:
         if dist.is_main:
             policy.save(out / "final", whole)
     dist.accelerator.end_training()
-    return finish(trainer, out)
+    return finish(trainer, evaluator, out)
 
 
-def finish(trainer: Trainer, out: Path) -> dict:
-    """Print and write base vs trained accuracy (or eval reward) from the evaluation history (process 0)."""
+def finish(trainer: Trainer, evaluator: Evaluator, out: Path) -> dict:
+    """Print and write base vs trained (the evaluator's table) from the evaluation history (process 0)."""
     state = trainer.state
     base, last = state.history["eval"][0], state.history["eval"][-1]
     summary = {"base": base, "trained": last, "iterations": state.iteration,
@@ -200,18 +224,9 @@ def finish(trainer: Trainer, out: Path) -> dict:
     if not trainer.dist.is_main:
         return summary
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if "reward" in base:  # eval prompts without GenEval metadata: the training reward (per tag when tagged)
-        tags = list(base.get("reward_by_tag", {}))
-        table = "| model | eval reward | " + " | ".join(tags) + " |\n|---|---|" + "---|" * len(tags) + "\n" + "\n".join(
-            f"| {name} | {rec['reward']:.4f} ± {rec['reward_stderr']:.4f} | "
-            + " | ".join(f"{rec['reward_by_tag'][t]:.4f}" for t in tags) + " |"
-            for name, rec in (("base", base), (f"trained ({state.iteration} it)", last)))
-        (out / "report.md").write_text(table + "\n")
-        print(f"\n{table}\n\ngrids: {out / 'eval'}/*/grid.png   tensorboard --logdir {out}")
-        return summary
-    models = {"base": base, f"trained ({state.iteration} it)": last}
-    (out / "report.md").write_text(report_markdown(models))  # with why images failed, per tag
-    print(f"\n{markdown_table(models)}\n\noverall accuracy {100 * base['accuracy']['overall']:.1f}% -> "
-          f"{100 * last['accuracy']['overall']:.1f}% after {state.train_seconds / 60:.1f} min of training")
+    records = {"base": base, f"trained ({state.iteration} it)": last}
+    (out / "report.md").write_text(evaluator.table(records))
+    print(f"\n{evaluator.table(records, brief=True)}\n{evaluator.change(base, last)} after "
+          f"{state.train_seconds / 60:.1f} min of training")
     print(f"grids: {out / 'eval'}/*/grid.png   report: {out / 'report.md'}   tensorboard --logdir {out}")
     return summary

@@ -83,7 +83,8 @@ class Trainer:
     def __init__(self, task: Task, cfg: GRPOSettings, dist: Dist, *, config_json: dict,
                  optimizer: torch.optim.Optimizer | None = None, ema_decay: float = 0.0,
                  resume_keys: Sequence[str] = ("seed", "prompts_per_iter", "group_size"),
-                 log: Callable[[dict, int], None] | None = None):
+                 log: Callable[[dict, int], None] | None = None,
+                 log_images: Callable[[dict, int], None] | None = None):
         self.task, self.cfg, self.dist = task, cfg, dist
         self.layout = cfg.layout(dist.world_size)
         self.config_json, self.resume_keys = config_json, tuple(resume_keys)
@@ -101,7 +102,7 @@ class Trainer:
         self.state = TrainState()
         self.checkpoints = CheckpointDir(Path(cfg.out) / "checkpoints", cfg.keep)
         self.budget: tuple[int, float] = (0, 0.0)  # (iterations, minutes) the learning-rate schedule spans
-        self._log = log
+        self._log, self._log_images = log, log_images
 
     # ------------------------------------------------------------------------------------------- one iteration
     def plan(self, prompt_rows: Sequence[dict]) -> Plan:
@@ -186,6 +187,11 @@ class Trainer:
         """Send metrics to the run's trackers (process 0)."""
         if self._log is not None and self.dist.is_main:
             self._log(metrics, step)
+
+    def log_images(self, images: dict, step: int) -> None:
+        """Send named PIL images (evaluation grids, curves) to the run's trackers (process 0)."""
+        if self._log_images is not None and self.dist.is_main and images:
+            self._log_images(images, step)
 
     def reward_metrics(self, rewards: Tensor, plan: Plan) -> dict[str, float]:
         """Mean and spread of the (weighted-sum) reward over all processes, and per tag when rows carry tags."""

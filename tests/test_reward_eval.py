@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from flowgrpo.eval.reward_eval import RewardEvalResult, is_geneval, write_reward_report
+from flowgrpo.eval.evaluators import ImageSampling, RewardEvaluator
+from flowgrpo.eval.reward_eval import RewardEvalResult, is_geneval
 
 
 def _result(rewards):
@@ -27,7 +28,19 @@ def test_geneval_only_when_every_entry_has_requirements():
     assert not is_geneval([geneval, {"prompt": "a cat"}])
 
 
-def test_report_writes_summary_and_grid(tmp_path):
-    out = write_reward_report(_result([0.5, 0.25]), tmp_path / "eval")
+def test_result_reports_its_summary_metrics_line_and_grid(tmp_path):
+    r = _result([0.5, 0.25])
+    out = r.write(tmp_path / "eval")
     assert json.loads((out / "results.json").read_text())["reward"] == pytest.approx(0.375)
-    assert (out / "grid.png").is_file()
+    assert (out / "grid.png").is_file() and r.grid_image().size == r.grid_image(ncols=2).size
+    assert r.metrics() == {"eval/reward": pytest.approx(0.375)}
+    assert r.line() == "eval reward 0.3750 ± 0.0884"
+
+
+def test_the_reward_evaluator_tables_base_against_trained():
+    evaluator = RewardEvaluator([], None, ImageSampling(1, 2, 4.5, 0))
+    records = {"base": _result([0.5, 0.25]).summary(), "trained": _result([0.5, 0.75]).summary()}
+    assert evaluator.table(records).splitlines() == [
+        "| model | eval reward |", "| --- | --- |", "| base | 0.3750 ± 0.0884 |", "| trained | 0.6250 ± 0.0884 |"]
+    assert evaluator.change(records["base"], records["trained"]) == "eval reward 0.3750 -> 0.6250"
+    assert evaluator.score(records["trained"]) == (pytest.approx(0.625), pytest.approx(0.125 / math.sqrt(2)))

@@ -11,6 +11,7 @@ The model and the schedule live in one module (`CoModule`), what data parallelis
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -248,6 +249,10 @@ class MaskedDiffusionPolicy:
         tokens, commit_step, token_logp, counts = self.sample(prompts, values, keys)
         return MaskRollout(prompts, metadata, group_ids, tokens, commit_step, actions, values, token_logp,
                            self.schedule.log_prob(actions), counts, self.decode(tokens))
+
+    def precision(self, dtype: torch.dtype | None):
+        """A masked diffusion model always runs in fp32 (the flow policies' autocast has nothing to change here)."""
+        return contextlib.nullcontext()
 
     def eval_noise(self, n: int, generator: torch.Generator) -> Tensor:
         """Per-image seeds [n] of evaluation images (the token noise of image i is keyed by its seed)."""
