@@ -84,7 +84,7 @@ def main() -> None:
     )
     before = greedy_accuracy(trainer.policy, test, args.max_new_tokens)
     print(f"greedy test accuracy before: {before}")
-    history = trainer.train(train, num_steps=args.steps)
+    history = trainer.train(train, iterations=args.steps)
     after = greedy_accuracy(trainer.policy, test, args.max_new_tokens)
     print(f"greedy test accuracy after:  {after}")
 

@@ -15,18 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tests' tiny-model builder
 from llm_common import SMOLLM2_GGUF, smollm2_dir
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from flowgrpo.llm import GRPO
 from flowgrpo.policies.llm import load_causal_lm
-from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
 from flowgrpo.prompts.llm_tasks import arithmetic_task, final_answer_reward, integer_format_reward
+from tests.tiny_llm import build_tiny_causal_lm
 
 
 def load_model(kind: str, tiny_dir: Path):
@@ -60,7 +62,7 @@ def run_ours(a, data, tiny_dir) -> dict:
                    prompts_per_step=a.prompts, max_new_tokens=a.max_new_tokens, temperature=1.0,
                    learning_rate=1e-6, beta=0.0, loss_agg="seq-mean-token-mean", eps_low=0.2, eps_high=0.2,
                    max_grad_norm=1.0, seed=a.seed)
-    hist = trainer.train(data, num_steps=a.steps + 1, progress=False)[1:]  # step 1 = warm-up
+    hist = trainer.train(data, iterations=a.steps + 1, progress=False)[1:]  # iteration 1 = warm-up
     return {"sec_per_step": [h["time_step"] for h in hist], "completion_len": [h["completion_len"] for h in hist],
             "sec_rollout": [h["time_rollout"] for h in hist], "sec_train": [h["time_train"] for h in hist]}
 

@@ -3,8 +3,9 @@
     from flowgrpo.llm import GRPO
     trainer = GRPO(model, tokenizer, reward_fns=[my_reward], advantage="grpo",
                    loss_agg="seq-mean-token-mean", group_size=8, beta=0.0)   # TRL's names work too
-    trainer.train(dataset)            # list of dicts or datasets.Dataset, each with a "prompt"
-    metrics = trainer.step(batch)     # or drive it yourself, one batch of prompts per call
+    trainer.train(dataset, eval_dataset=held_out, eval_every=50)  # lists of dicts or datasets.Dataset
+    metrics = trainer.iterate(batch)  # or drive it yourself, one batch of prompts per iteration
+    result = trainer.evaluate(held_out, samples=8, k=4, correct_at=1.0)   # mean reward and pass@4
 
 Reward functions use TRL's signature ``fn(prompts, completions, completion_ids, **columns) ->
 list[float | None]``: every dataset column other than ``prompt`` is passed by name (one value per
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -30,29 +31,19 @@ from torch import Tensor
 from flowgrpo.core import AdvantageResult
 from flowgrpo.distributed import Dist
 from flowgrpo.llm_config import GRPOConfig
+from flowgrpo.llm_eval import RewardFn, TextEvalResult, TextEvaluator, reward_names, score_completions
 from flowgrpo.policies.chunks import UpdateBatch
 from flowgrpo.policies.llm import LLMPolicy, TokenRollout, load_causal_lm
 from flowgrpo.samplers.noise import Stream, keyed_generator
 from flowgrpo.trainer import Trainer, settings_json
 
-__all__ = ["GRPO", "GRPOConfig", "TextTask"]
-
-RewardFn = Callable[..., Sequence[float | None]]
-_RESERVED_COLUMNS = {"prompts", "completions", "completion_ids"}
+__all__ = ["GRPO", "GRPOConfig", "TextEvalResult", "TextEvaluator", "TextTask"]
 
 
-def _floats(values: Sequence[float | None], n: int, name: str) -> list[float]:
-    if len(values) != n:
-        raise ValueError(f"reward function {name} returned {len(values)} values for {n} completions")
-    out = []
-    for v in values:
-        if v is None:
-            out.append(math.nan)
-        elif isinstance(v, (bool, int, float)) or (isinstance(v, Tensor) and v.numel() == 1):
-            out.append(float(v))
-        else:
-            raise TypeError(f"reward function {name} returned {type(v).__name__}; expected float or None")
-    return out
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(f"GRPO.{old} is now GRPO.{new} (one name per concept: an iteration, as in flowgrpo train); the old "
+                  "name works for one more release", FutureWarning, stacklevel=3)
+
 
 
 def _dense_ids(values: Sequence) -> Tensor:
@@ -70,7 +61,7 @@ class TextTask:
     def __init__(self, policy: LLMPolicy, cfg: GRPOConfig, reward_fns: list[RewardFn]):
         self.policy, self.cfg, self.reward_fns = policy, cfg, reward_fns
         self.reward_weights = cfg.reward_weights
-        self.reward_names = [getattr(fn, "__name__", str(k)) for k, fn in enumerate(reward_fns)]
+        self.reward_names = reward_names(reward_fns)
 
     def rollout(self, plan) -> TokenRollout:
         rows = plan.local_rows()
@@ -81,24 +72,7 @@ class TextTask:
 
     def score(self, rollout: TokenRollout, plan) -> Tensor:
         """Rewards [b, K] (float64, NaN = unscorable) from every reward function."""
-        rows = plan.local_rows()
-        keys = set(rows[0])
-        if any(set(r) != keys for r in rows):
-            raise ValueError("all dataset rows must have the same columns")
-        clash = _RESERVED_COLUMNS & keys
-        if clash:
-            raise ValueError(f"dataset columns {sorted(clash)} clash with reward-function arguments")
-        columns = {k: [r[k] for r in rows] for k in keys if k != "prompt"}
-        prompts = [r["prompt"] for r in rows]
-        chat = isinstance(prompts[0], list)
-        completions = ([[{"role": "assistant", "content": c}] for c in rollout.completions]
-                       if chat else list(rollout.completions))
-        ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
-        cols = []
-        for fn, name in zip(self.reward_fns, self.reward_names):
-            values = fn(prompts=prompts, completions=completions, completion_ids=ids, **columns)
-            cols.append(_floats(list(values), len(prompts), name))
-        return torch.tensor(cols, dtype=torch.float64).T
+        return score_completions(self.reward_fns, plan.local_rows(), rollout)
 
     def advantages(self, rollout: TokenRollout, rewards: Tensor, plan, trainer: Trainer) -> AdvantageResult:
         opts = {}
@@ -175,27 +149,63 @@ class GRPO:
         return self.trainer.state.tracker
 
     @property
-    def step_count(self) -> int:
+    def iteration(self) -> int:
+        """Iterations trained so far (counting those before a resume)."""
         return self.trainer.state.iteration
+
+    @property
+    def step_count(self) -> int:
+        _renamed("step_count", "iteration")
+        return self.iteration
 
     @property
     def history(self) -> list[dict]:
         return self.trainer.state.history["train"]
 
-    def step(self, batch: Sequence[Mapping]) -> dict[str, float]:
-        """Sample G completions for each of the ``prompts_per_iter`` rows of ``batch`` (the same rows on every
-        process), score them and make the update. Returns the metrics."""
+    def iterate(self, batch: Sequence[Mapping]) -> dict[str, float]:
+        """One iteration: sample G completions for each of the ``prompts_per_iter`` rows of ``batch`` (the same rows
+        on every process), score them and make the update. Returns the metrics."""
         return self.trainer.step(list(batch))
+
+    def step(self, batch: Sequence[Mapping]) -> dict[str, float]:
+        _renamed("step()", "iterate()")
+        return self.iterate(batch)
+
+    def evaluator(self, dataset, reward_fns: RewardFn | Sequence[RewardFn] | None = None, *, samples: int = 1,
+                  k: int | None = None, greedy: bool | None = None, correct_at: float | None = None,
+                  batch: int = 8) -> TextEvaluator:
+        """How `evaluate` scores ``dataset`` (see there)."""
+        fns = self.trainer.task.reward_fns if reward_fns is None else (
+            [reward_fns] if callable(reward_fns) else list(reward_fns))
+        weights = self.config.reward_weights if reward_fns is None else None
+        return TextEvaluator(list(dataset), fns, weights, samples, k or samples, samples == 1 if greedy is None
+                             else greedy, correct_at, self.config.seed, batch)
+
+    def evaluate(self, dataset, reward_fns: RewardFn | Sequence[RewardFn] | None = None, *, samples: int = 1,
+                 k: int | None = None, greedy: bool | None = None, correct_at: float | None = None,
+                 batch: int = 8) -> TextEvalResult:
+        """Score the policy on held-out ``dataset`` rows with ``reward_fns`` (default: the training ones, combined by
+        reward_weights): ``samples`` completions per prompt, greedy when there is one (unless ``greedy=False``),
+        sampled at the training temperature otherwise; with ``correct_at``, pass@``k`` (k = samples by default) of
+        the completions whose reward reaches it. Split over the processes; any number gives the same result."""
+        return self.evaluator(dataset, reward_fns, samples=samples, k=k, greedy=greedy, correct_at=correct_at,
+                              batch=batch).run(self.policy, self.trainer.dist)
 
     def _epoch_order(self, n: int, epoch: int) -> list[int]:
         return torch.randperm(n, generator=keyed_generator(self.config.seed, Stream.PROMPTS, epoch)).tolist()
 
-    def train(self, dataset, *, num_steps: int | None = None, epochs: int = 1,
-              progress: bool = True) -> list[dict[str, float]]:
-        """Train on ``dataset`` (list of dicts or ``datasets.Dataset``) until ``num_steps`` steps in total
-        (counting steps before a resume) or ``epochs`` passes; shuffled per epoch from the seed, the last partial
-        batch dropped. With an ``out`` directory the first call resumes from its newest complete checkpoint, and
-        checkpoints are written every ``save_every`` steps and at the end. Returns the metrics of the steps run."""
+    def train(self, dataset, *, iterations: int | None = None, epochs: int = 1, progress: bool = True,
+              eval_dataset=None, eval_every: int = 0, eval_options: dict | None = None,
+              num_steps: int | None = None) -> list[dict[str, float]]:
+        """Train on ``dataset`` (list of dicts or ``datasets.Dataset``) until ``iterations`` in total (counting those
+        before a resume) or ``epochs`` passes; shuffled per epoch from the seed, the last partial batch dropped. With an
+        ``out`` directory the first call resumes from its newest complete checkpoint, and checkpoints are written
+        every ``save_every`` iterations and at the end. With ``eval_dataset``: `evaluate` (with ``eval_options``)
+        before training, every ``eval_every`` iterations (0 = only then and at the end) and at the end, into
+        ``history_eval`` (and ``out/eval/iterNNNNN/``). Returns the metrics of the iterations run."""
+        if num_steps is not None:
+            _renamed("train(num_steps=...)", "train(iterations=...)")
+            iterations = num_steps if iterations is None else iterations
         cfg = self.config
         per_epoch = len(dataset) // cfg.prompts_per_iter
         if per_epoch == 0:
@@ -203,17 +213,39 @@ class GRPO:
         if cfg.out and not self._resumed:
             self.trainer.resume()
             self._resumed = True
+        evaluator = self.evaluator(eval_dataset, **(eval_options or {})) if eval_dataset is not None else None
 
         def draw(iteration: int) -> list:
             epoch, batch = divmod(iteration, per_epoch)
             order = self._epoch_order(len(dataset), epoch)[batch * cfg.prompts_per_iter:(batch + 1) * cfg.prompts_per_iter]
             return [dataset[i] for i in order]
 
-        total = num_steps if num_steps is not None else epochs * per_epoch
-        out = self.trainer.fit(draw, iterations=total, progress=progress)
+        def after(metrics: dict) -> None:
+            if evaluator is not None and eval_every and self.iteration % eval_every == 0:
+                self._evaluate_into_history(evaluator)
+
+        if evaluator is not None and not self.history_eval:
+            self._evaluate_into_history(evaluator)
+        total = iterations if iterations is not None else epochs * per_epoch
+        out = self.trainer.fit(draw, iterations=total, progress=progress, after_step=after)
+        if evaluator is not None and self.history_eval[-1]["iteration"] != self.iteration:
+            self._evaluate_into_history(evaluator)
         if cfg.out and out:
             self.trainer.save()
         return out
+
+    @property
+    def history_eval(self) -> list[dict]:
+        """The evaluations of `train` so far: their iteration and `TextEvalResult.summary()`."""
+        return self.trainer.state.history["eval"]
+
+    def _evaluate_into_history(self, evaluator: TextEvaluator) -> TextEvalResult:
+        result = evaluator.run(self.policy, self.trainer.dist)
+        self.history_eval.append({"iteration": self.iteration, **result.summary()})
+        self.trainer.log(result.metrics(), self.iteration)
+        if self.config.out and self.trainer.dist.is_main:
+            result.write(Path(self.config.out) / "eval" / f"iter{self.iteration:05d}")
+        return result
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write a complete checkpoint directory at ``path`` (weights, optimizer, tracker, step)."""

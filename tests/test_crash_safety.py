@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flowgrpo.checkpoint import CheckpointDir, read_training
-from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
+from tests.tiny_llm import build_tiny_causal_lm
 from flowgrpo.prompts.shapes import load_split
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -129,7 +129,7 @@ LLM_SCRIPT = textwrap.dedent('''
     trainer = GRPO(AutoModelForCausalLM.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path), distinct,
                    group_size=4, prompts_per_iter=2, max_new_tokens=8, lr=1e-2, stop=tuple("aeiou"), advantage="spo",
                    out=out, save_every=1)
-    trainer.train(data, num_steps=300, progress=False)
+    trainer.train(data, iterations=300, progress=False)
 ''')
 
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from flowgrpo.checkpoint import CheckpointError
 from flowgrpo.policies.llm import (LLMPolicy, SamplingConfig, TokenRollout, _inverse_cdf, _plain_copy, _top_p_filter,
                                   load_causal_lm)
-from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
+from tests.tiny_llm import build_tiny_causal_lm
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])

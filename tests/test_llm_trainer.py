@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from flowgrpo.core import ADVANTAGES
 from flowgrpo.llm import GRPO, GRPOConfig
 from flowgrpo.policies.llm import LLMPolicy
-from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
+from tests.tiny_llm import build_tiny_causal_lm
 from flowgrpo.samplers.noise import Stream
 
 PROMPTS = [{"prompt": p, "answer": str(i)} for i, p in enumerate(["ab", "xyz", "hello", "q", "12+3", "zz", "k", "mn"])]
@@ -99,22 +99,22 @@ def test_trainer_argument_errors(path):
         GRPO(model, tok, [])
     tr = _trainer(path)
     with pytest.raises(ValueError, match="an iteration takes prompts_per_iter=2 prompts, got 3"):
-        tr.step(PROMPTS[:3])
+        tr.iterate(PROMPTS[:3])
     bad = _trainer(path, reward_fns=lambda prompts, completions, **_: [1.0])
     with pytest.raises(ValueError, match="returned 1 values for 8 completions"):
-        bad.step(PROMPTS[:2])
+        bad.iterate(PROMPTS[:2])
     bad = _trainer(path, reward_fns=lambda prompts, completions, **_: ["good"] * len(prompts))
     with pytest.raises(TypeError, match="expected float or None"):
-        bad.step(PROMPTS[:2])
+        bad.iterate(PROMPTS[:2])
 
 
 # ---- exactness ----------------------------------------------------------------------------------
 def test_first_inner_step_has_ratio_one_and_later_steps_move(path):
-    one = _trainer(path, inner_epochs=1).step(PROMPTS[:2])
+    one = _trainer(path, inner_epochs=1).iterate(PROMPTS[:2])
     assert one["ratio_min"] == 1.0 and one["ratio_max"] == 1.0
     # the sampler's own log-probs (KV cache, left padding) agree with the training forward: |r - 1| < 1e-5
     assert math.expm1(one["sampler_logp_max_diff"]) < 1e-5
-    three = _trainer(path, inner_epochs=3).step(PROMPTS[:2])
+    three = _trainer(path, inner_epochs=3).iterate(PROMPTS[:2])
     assert max(three["ratio_max"] - 1, 1 - three["ratio_min"]) > 1e-3  # later inner epochs are off-policy
     assert three["loss"] == pytest.approx(one["loss"], abs=1e-7)  # the first inner step is the same
 
@@ -133,7 +133,7 @@ def test_gradient_is_independent_of_micro_batching(path, loss_agg, beta):
     whole = _trainer(path, **kw)
     split = _trainer(path, micro_batch=2, **kw)  # 4 micro-batches
     g1, g4 = _record_grads(whole), _record_grads(split)
-    m1, m4 = whole.step(PROMPTS[:2]), split.step(PROMPTS[:2])
+    m1, m4 = whole.iterate(PROMPTS[:2]), split.iterate(PROMPTS[:2])
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6, abs=1e-7)
     assert 1 < m1["completion_len"] < 8  # completions of different lengths make the normaliser matter
     scale = max(float(g.abs().max()) for g in g1.values())
@@ -155,8 +155,8 @@ def test_frozen_reference_runs_only_when_beta_positive(path, beta):
     calls = _count_calls(ref)
     tr = GRPO(*_load(path), distinct, ref_model=ref, beta=beta, group_size=4, prompts_per_iter=2,
               micro_batch=4, max_new_tokens=6)
-    m = tr.step(PROMPTS[:2])
-    tr.step(PROMPTS[2:4])
+    m = tr.iterate(PROMPTS[:2])
+    tr.iterate(PROMPTS[2:4])
     # per step: two micro-batches, each one prompt forward + one completion forward
     assert len(calls) == (0 if beta == 0 else 2 * 2 * 2)
     assert ("kl" in m) == (beta > 0)
@@ -169,7 +169,7 @@ def test_lora_reference_runs_only_when_beta_positive(path, beta):
     layers = [m for m in lora.modules() if isinstance(m, BaseTunerLayer)]
     calls = _count_calls(lora.get_base_model(), lambda: all(m.disable_adapters for m in layers))
     tr = GRPO(lora, tok, distinct, beta=beta, group_size=4, prompts_per_iter=2, max_new_tokens=6, lr=1e-2)
-    m = tr.step(PROMPTS[:2])
+    m = tr.iterate(PROMPTS[:2])
     assert len(calls) == (0 if beta == 0 else 2)  # prompt forward + completion forward
     if beta:
         assert m["kl"] == 0.0  # LoRA B starts at zero: policy = reference on the first step
@@ -189,7 +189,7 @@ def test_none_reward_gets_zero_weight_hand_computed_gradient(path):
     policy = LLMPolicy(probe, tr.policy.tokenizer, tr.config.sampling)
     rollout = policy.rollout([r["prompt"] for r in PROMPTS[:2] for _ in range(3)],
                              keys=[(0, Stream.TOKENS, 0, i) for i in range(6)])
-    m = tr.step(PROMPTS[:2])
+    m = tr.iterate(PROMPTS[:2])
     assert m["adv/n_nan"] == 1.0 and m["adv/n_valid"] == 5.0
     r = torch.tensor([math.nan] + [len(set(c)) / 8 for c in rollout.completions[1:]], dtype=torch.float64)
     adv = torch.zeros(6, dtype=torch.float64)
@@ -214,7 +214,7 @@ def test_reward_functions_get_columns_and_multi_reward_matrix(path):
         return [1.0] * len(prompts)
 
     tr = _trainer(path, reward_fns=[spy, vowels], reward_weights=[0.5, 2.0], advantage="gdpo")
-    m = tr.step(PROMPTS[:2])
+    m = tr.iterate(PROMPTS[:2])
     assert m["adv/n_valid"] == 8.0
     assert seen["prompts"] == ["ab"] * 4 + ["xyz"] * 4
     assert seen["answer"] == ["0"] * 4 + ["1"] * 4
@@ -232,7 +232,7 @@ def test_chat_prompts_give_chat_completions(path):
         return [0.0] * len(prompts)
 
     tr = _trainer(path, reward_fns=spy)
-    tr.step([{"prompt": [{"role": "user", "content": "hi"}]}] * 2)
+    tr.iterate([{"prompt": [{"role": "user", "content": "hi"}]}] * 2)
     assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in seen["c"])
 
 
@@ -241,7 +241,7 @@ def test_every_core_estimator_runs_by_name(path, name):
     opts = {"alpha": 0.5} if name == "stratified" else {}
     rows = [dict(r, strata=i % 2) for i, r in enumerate(PROMPTS)]
     tr = _trainer(path, advantage=name, advantage_options=opts, group_size=5)
-    m = tr.step(rows[:2])
+    m = tr.iterate(rows[:2])
     assert m["adv/n_valid"] == (8.0 if name == "mc_grpo" else 10.0)  # MC-GRPO drops one pivot per group
     assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     if name in ("spo", "bnpo"):
@@ -251,7 +251,7 @@ def test_every_core_estimator_runs_by_name(path, name):
 def test_stratified_needs_a_strata_column(path):
     tr = _trainer(path, advantage="stratified", advantage_options={"alpha": 0.5})
     with pytest.raises(ValueError, match="'strata' column"):
-        tr.step(PROMPTS[:2])
+        tr.iterate(PROMPTS[:2])
 
 
 # ---- training loop, resume, learning -------------------------------------------------------------
@@ -259,29 +259,29 @@ def test_stratified_needs_a_strata_column(path):
 def test_resume_gives_the_identical_next_steps(path, tmp_path, advantage):
     data = PROMPTS[:6]  # 3 batches per epoch: the run crosses an epoch boundary
     a = _trainer(path, advantage=advantage, inner_epochs=2, micro_batch=4)
-    a.train(data, num_steps=2, progress=False)
+    a.train(data, iterations=2, progress=False)
     a.save_checkpoint(tmp_path / "ck")
-    after_a = a.train(data, num_steps=5, progress=False)
+    after_a = a.train(data, iterations=5, progress=False)
     b = _trainer(path, advantage=advantage, inner_epochs=2, micro_batch=4)
     b.load_checkpoint(tmp_path / "ck")
-    after_b = b.train(data, num_steps=5, progress=False)
+    after_b = b.train(data, iterations=5, progress=False)
     strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith(("time_", "seconds", "train_min"))}  # noqa: E731
                         for m in ms]
     assert strip(after_a) == strip(after_b)
     sa, sb = a.policy.trainable_state_dict(), b.policy.trainable_state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert b.step_count == 5 and len(b.history) == 5
+    assert b.iteration == 5 and len(b.history) == 5
     with pytest.raises(ValueError, match="prompts_per_iter: checkpoint 2 vs now 4"):
         _trainer(path, prompts_per_iter=4).load_checkpoint(tmp_path / "ck")
 
 
 def test_train_on_datasets_dataset_raises_reward(path, tmp_path):
     tr = _trainer(path, reward_fns=vowels, group_size=8, stop=(), out=str(tmp_path), save_every=10, lr=3e-2)
-    hist = tr.train(Dataset.from_list(PROMPTS), num_steps=20, progress=False)
+    hist = tr.train(Dataset.from_list(PROMPTS), iterations=20, progress=False)
     first, last = sum(h["reward_mean"] for h in hist[:3]) / 3, sum(h["reward_mean"] for h in hist[-3:]) / 3
     assert first < 0.3 and last > 0.8
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter-000010", "iter-000020"]
     assert (tmp_path / "checkpoints" / "iter-000020" / "weights.safetensors").is_file()
     again = _trainer(path, reward_fns=vowels, group_size=8, stop=(), out=str(tmp_path), save_every=10, lr=3e-2)
-    assert again.train(Dataset.from_list(PROMPTS), num_steps=20, progress=False) == []  # resumed at step 20
-    assert again.step_count == 20
+    assert again.train(Dataset.from_list(PROMPTS), iterations=20, progress=False) == []  # resumed at step 20
+    assert again.iteration == 20

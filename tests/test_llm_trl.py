@@ -20,7 +20,7 @@ from trl import GRPOTrainer
 
 from flowgrpo.policies.chunks import UpdateBatch
 from flowgrpo.policies.llm import LLMPolicy, SamplingConfig
-from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
+from tests.tiny_llm import build_tiny_causal_lm
 from flowgrpo.settings import GRPOSettings
 from flowgrpo.update import ppo_update
 from tests.helpers import single

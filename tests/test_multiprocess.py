@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from flowgrpo.assets import SHAPES_MODEL
 from flowgrpo.config import TrainConfig
-from flowgrpo.policies.llm_tiny import build_tiny_causal_lm
+from tests.tiny_llm import build_tiny_causal_lm
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.settings import BatchLayout
 from flowgrpo.strategies import initial_noise, sde_noise
@@ -190,7 +190,9 @@ def test_co_grpo_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
 
 
 LLM_SCRIPT = textwrap.dedent('''
+    import json
     import sys
+    from pathlib import Path
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from flowgrpo.llm import GRPO
 
@@ -204,7 +206,10 @@ LLM_SCRIPT = textwrap.dedent('''
                    num_generations=4, prompts_per_step=2, micro_batch_size=2, max_new_tokens=8, optim="sgd",
                    learning_rate=1e-1, stop=tuple("aeiou"), advantage="spo", beta=0.05, output_dir=out, save_every=1,
                    sharding=sharding)
-    trainer.train(data, num_steps=2, progress=False)
+    trainer.train(data, iterations=2, progress=False)
+    result = trainer.evaluate(data[:5], samples=2, greedy=False, batch=2)  # 5 prompts: a process pads its share
+    if trainer.trainer.dist.is_main:
+        (Path(out) / "eval.json").write_text(json.dumps(result.completions))
 ''')
 
 
@@ -239,6 +244,9 @@ def test_llm_trainer_on_two_processes_equals_one_and_resumes_on_one(llm_runs, sh
         rewards = [[h["reward_mean"] for h in s["history"]["train"]] for s in (states[0], state)]
         assert rewards[0] == rewards[1]
         same_history(states[0]["history"]["train"], state["history"]["train"])
+    # the evaluation split over 2 processes makes the completions one process makes
+    evals = [json.loads((tmp_path / run / "eval.json").read_text()) for run in ("one", two, resumed)]
+    assert evals[0] == evals[1] == evals[2] and len(evals[0]) == 5
 
 
 def test_every_sample_draws_its_own_noise_whatever_process_draws_it():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowgrpo.prompts.text_signs import WORDS, render_sign, sign_prompts
+from tests.text_signs import WORDS, render_sign, sign_prompts
 from flowgrpo.rewards import build_reward
 
 

@@ -268,9 +268,9 @@ class LLMPolicy:
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Prompt], generator: torch.Generator | None = None, *,
-                keys: Sequence[Sequence[int]] | None = None) -> TokenRollout:
+                keys: Sequence[Sequence[int]] | None = None, greedy: bool = False) -> TokenRollout:
         """Sample one completion per prompt (repeat a prompt G times for a group), from one ``generator`` or
-        from per-row ``keys``."""
+        from per-row ``keys``; ``greedy``: the most probable token at every step instead (evaluation)."""
         cfg = self.sampling
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
         b = prompt_ids.shape[0]
@@ -287,7 +287,7 @@ class LLMPolicy:
             probs = logp_all.exp()
             if cfg.top_p < 1:
                 probs = _top_p_filter(probs, cfg.top_p)
-            tok = _inverse_cdf(probs, uniforms[:, t])
+            tok = probs.argmax(dim=-1) if greedy else _inverse_cdf(probs, uniforms[:, t])
             tok = torch.where(done, self.pad_id, tok)
             masks.append(~done)
             tokens.append(tok)

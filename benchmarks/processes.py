@@ -1,7 +1,7 @@
 """One process with 2 threads vs 2 processes with 1 thread each, for the same global batch of the `shapes` preset:
 seconds per iteration and what each process puts into collectives per iteration (to project to more processes).
 
-    HF_HUB_OFFLINE=1 python benchmarks/multiprocess.py --rounds 3 --iterations 4 \
+    HF_HUB_OFFLINE=1 python benchmarks/processes.py --rounds 3 --iterations 4 \
         --out benchmarks/results/multiprocess.json
 
 Each round runs the two settings one after the other (1 process first), each a fresh run of the trainer
