@@ -8,7 +8,7 @@ one SDE step at k, finish by ODE, and verify the images. Reports per step:
 - the within-group spread (fraction of groups whose members differ in pass/fail, mean within-group variance
   of pass), the signal GRPO's group-normalised advantages need.
 
-    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/branch_spread.py --settings flow_grpo:1.2 flow_grpo:0.7 \
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/branch_spread.py --settings flow_sde:1.2 flow_sde:0.7 \
         cps:0.8 --steps 0 1 2 3 4 5 6 --out benchmarks/results/branch_spread.md
 
 A setting KIND:NOISE:K restricts the branch noise to the K x K lowest DCT frequencies (``--noise-freqs K``).
@@ -66,7 +66,7 @@ def fmt(name: str, k, sigma, r: dict[str, float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", nargs="+", default=["flow_grpo:1.2", "flow_grpo:0.7"], metavar="KIND:NOISE[:FREQS]")
+    ap.add_argument("--settings", nargs="+", default=["flow_sde:1.2", "flow_sde:0.7"], metavar="KIND:NOISE[:FREQS]")
     ap.add_argument("--steps", nargs="+", type=int, default=list(range(7)), help="branch steps k to measure")
     ap.add_argument("--prompts", type=int, default=48, help="groups (tag-balanced training prompts)")
     ap.add_argument("--group-size", type=int, default=8)
@@ -90,7 +90,7 @@ def main() -> None:
     x_init = group_noise(args.prompts, args.group_size, policy.latent_shape(),
                          generator=torch.Generator().manual_seed(args.seed))
 
-    def run(mask, kind="flow_grpo", level=0.0, freqs=0):
+    def run(mask, kind="flow_sde", level=0.0, freqs=0):
         return row(verdicts(policy, entries, group_ids, x_init, sigmas, mask, kind, level, freqs, args.seed + 1,
                             cfg.guidance))
 

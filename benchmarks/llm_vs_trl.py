@@ -63,7 +63,7 @@ def run_ours(a, data, tiny_dir) -> dict:
                    learning_rate=1e-6, beta=0.0, loss_agg="seq-mean-token-mean", eps_low=0.2, eps_high=0.2,
                    max_grad_norm=1.0, seed=a.seed)
     hist = trainer.train(data, iterations=a.steps + 1, progress=False)[1:]  # iteration 1 = warm-up
-    return {"sec_per_step": [h["time_step"] for h in hist], "completion_len": [h["completion_len"] for h in hist],
+    return {"sec_per_step": [h["seconds_per_iter"] for h in hist], "completion_len": [h["completion_len"] for h in hist],
             "sec_rollout": [h["time_rollout"] for h in hist], "sec_train": [h["time_train"] for h in hist]}
 
 

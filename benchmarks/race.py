@@ -32,7 +32,7 @@ from pathlib import Path
 
 STRATEGIES = {
     "flow_grpo": {"strategy": "flow_grpo", "sde_steps": 0, "noise_level": 0.7},  # Flow-GRPO: a = 0.7, every step
-    "dance_grpo": {"strategy": "dance_grpo", "sde_steps": 0, "sde_kind": "dance", "noise_level": 0.3},  # eta = 0.3
+    "dance_grpo": {"strategy": "dance_grpo", "sde_steps": 0, "sde_kind": "dance_sde", "noise_level": 0.3},  # eta = 0.3
     "mixgrpo": {"strategy": "mixgrpo", "sde_steps": 2},  # a window of 2 of 10 steps moving through the first 6
     "g2rpo": {"strategy": "g2rpo"},  # the preset
     "dense_grpo": {"strategy": "dense_grpo"},  # SDE on the first 3 steps, a calibrated noise scale per step

@@ -60,7 +60,7 @@ def setting_config(name: str, precision: str, out: str):
     layers, heads, dim = (int(v) for v in size.split("x"))
     path = Path(out) / f"model-{size}"
     build_pipeline(TransformerSpec(num_layers=layers, num_attention_heads=heads, attention_head_dim=dim)).save_pretrained(path)
-    return replace(base, model=str(path), strategy=strategy, sde_steps=0, prompts_per_iter=2, group_size=8,
+    return replace(base, model=str(path), strategy=strategy, strategy_options={}, sde_steps=0, prompts_per_iter=2, group_size=8,
                    micro_batch=16, num_steps=10, guidance=4.5, beta=0.0, judge="", reward="brightness")
 
 

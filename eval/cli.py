@@ -41,13 +41,13 @@ def register_unigenbench(eval_subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--model", help="local diffusers pipeline directory to generate with (default: the shipped Shapes "
                      "base model)")
     src.add_argument("--images", help="judge existing images DIR/{index}_{j}.png instead of generating")
-    p.add_argument("--n", type=_positive_int, default=4, help="images per prompt (default 4, as in UniGenBench)")
+    p.add_argument("--images-per-prompt", "--n", dest="images_per_prompt", type=_positive_int, default=4, help="images per prompt (default 4, as in UniGenBench)")
     p.add_argument("--limit", type=_positive_int, help="only the first K prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=4, help="prompts per generate() call")
     p.add_argument("--gen-opt", type=_gen_opt, action="append", default=[], metavar="KEY=VALUE",
                    help="option passed to load_generator, e.g. steps=28 (repeatable; values parsed as JSON)")
-    p.add_argument("--judge", choices=["auto", "chat", "shapes"], default="auto",
+    p.add_argument("--judge-backend", "--judge", dest="judge_backend", choices=["auto", "chat", "shapes"], default="auto",
                    help="chat = OpenAI-compatible endpoint; shapes = exact verifier; auto = chat if --judge-url else shapes")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--judge-model", help="model name the endpoint serves")
@@ -63,7 +63,7 @@ def register_unigenbench(eval_subparsers: argparse._SubParsersAction) -> None:
 
 
 def _judge(args: argparse.Namespace):
-    kind = args.judge if args.judge != "auto" else ("chat" if args.judge_url else "shapes")
+    kind = args.judge_backend if args.judge_backend != "auto" else ("chat" if args.judge_url else "shapes")
     if kind == "shapes":
         from flowgrpo.eval.unigenbench_shapes import ShapesJudge
 
@@ -104,7 +104,7 @@ def run_unigenbench_command(args: argparse.Namespace) -> int:
             rows = load_prompts(args.prompts, limit=args.limit)
         judge = _judge(args)
         generate = None if args.images else _generator(args)
-        summary = run_unigenbench(rows, args.out, judge, generate=generate, images_dir=args.images, n=args.n,
+        summary = run_unigenbench(rows, args.out, judge, generate=generate, images_dir=args.images, n=args.images_per_prompt,
                                   seed=args.seed, batch_size=args.batch_size, concurrency=args.concurrency,
                                   grid_size=args.grid_size)
     except (UniGenBenchFormatError, JudgeConfigError, FileNotFoundError, ValueError) as err:

@@ -19,7 +19,7 @@ def run_geneval_command(args: argparse.Namespace) -> int:
         if args.images:
             images, entries = load_geneval_images(args.images)
         else:
-            entries = load_prompts(args.metadata) if args.metadata.startswith("shapes:") else load_geneval(args.metadata)
+            entries = load_prompts(args.prompts) if args.prompts.startswith("shapes:") else load_geneval(args.prompts)
         scorer = _scorer(args, entries)
     except (PromptFileError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -31,10 +31,10 @@ def run_geneval_command(args: argparse.Namespace) -> int:
         from flowgrpo.assets import SHAPES_MODEL
 
         name = Path(args.model or "shapes-base").name
-        policy = load_policy_for_sampling(args.model or str(SHAPES_MODEL), lora=args.lora, batch=args.batch)
-        steps, guidance = sampling_settings(policy, args.steps, args.guidance)
-        result = evaluate(policy, entries, images_per_prompt=args.n, num_steps=steps, guidance=guidance,
-                          seed=args.seed, batch=args.batch, scorer=scorer)
+        policy = load_policy_for_sampling(args.model or str(SHAPES_MODEL), lora=args.lora, batch=args.micro_batch)
+        steps, guidance = sampling_settings(policy, args.num_steps, args.guidance)
+        result = evaluate(policy, entries, images_per_prompt=args.images_per_prompt, num_steps=steps, guidance=guidance,
+                          seed=args.seed, batch=args.micro_batch, scorer=scorer)
     out = write_report(result, args.out, name=name)
     (out / "command.json").write_text(json.dumps(vars(args) | {"func": None}, indent=1, default=str))
     print(markdown_table({name: result.summary()}))
@@ -86,15 +86,16 @@ def register_geneval(eval_subparsers: argparse._SubParsersAction) -> None:
                      "(DIR/NNNNN/metadata.jsonl, DIR/NNNNN/samples/NNNN.png) instead of generating; --metadata, "
                      "--n and the generation options are then unused")
     p.add_argument("--lora", default=None, help="LoRA weights directory to load on top of --model")
-    p.add_argument("--metadata", default="shapes:test", help="GenEval-format JSONL, or shapes:test / shapes:train")
+    p.add_argument("--prompts", "--metadata", dest="prompts", default="shapes:test",
+                   help="GenEval-format JSONL metadata, or shapes:test / shapes:train")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n", type=int, default=2, help="images per entry")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default 20); a masked diffusion model: "
+    p.add_argument("--images-per-prompt", "--n", dest="images_per_prompt", type=int, default=2, help="images per entry")
+    p.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=None, help="Euler steps (default 20); a masked diffusion model: "
                    "unmasking steps of the hand-set schedule instead of its own")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 4.5); a "
                    "masked diffusion model: the hand-set schedule's CFG instead of its own schedule")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64, help="images per forward pass")
+    p.add_argument("--micro-batch", "--batch", dest="micro_batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--scorer", choices=["shapes", "detector"], default="shapes",
                    help="shapes = the exact Shapes verifier; detector = GenEval's protocol with --detector and --clip")
     p.add_argument("--detector", metavar="PATH", help="local Mask2Former COCO instance-segmentation model directory "

@@ -186,7 +186,7 @@ class CheckpointDir:
 # ---------------------------------------------------------------------------------------------- what trainers save
 def training_files(weights: dict[str, torch.Tensor], optimizer_state: dict, state: TrainState, *, kind: str,
                    config: dict, ema: dict[str, torch.Tensor] | None = None) -> dict[str, Writer]:
-    """The files of a training checkpoint. ``kind`` ('flow', 'llm') and ``config`` let a resume refuse a
+    """The files of a training checkpoint. ``kind`` ('flow', 'mdm', 'llm') and ``config`` let a resume refuse a
     checkpoint of another trainer or an incompatible run."""
     meta = json.dumps({"kind": kind, "config": config, **state.to_json()}, default=str)
     files: dict[str, Writer] = {

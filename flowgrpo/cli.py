@@ -13,6 +13,25 @@ COMMAND_MODULES = [
 ]
 
 
+# One name per concept across the subcommands: the old spellings (still accepted as aliases) warn, for one release.
+RENAMED = {
+    "eval": {"--metadata": "--prompts", "--n": "--images-per-prompt", "--steps": "--num-steps",
+             "--batch": "--micro-batch", "--judge": "--judge-backend"},
+    "sample": {"--n": "--images-per-prompt", "--steps": "--num-steps", "--batch": "--micro-batch"},
+    "serve-reward": {"--config": "--reward-options"},
+}
+
+
+def warn_renamed(argv: list[str]) -> None:
+    """A one-line warning for each old option spelling in ``argv``."""
+    old = RENAMED.get(argv[0], {}) if argv else {}
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if name in old:
+            print(f"flowgrpo {argv[0]}: warning: {name} is now {old[name]}; the old spelling is read for one more "
+                  "release", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowgrpo",
@@ -26,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    warn_renamed(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -34,11 +34,15 @@ def _sample(args: argparse.Namespace) -> int:
     from flowgrpo.assets import SHAPES_MODEL
     from flowgrpo.policies.generator import load_generator
 
-    generate = load_generator(args.model or str(SHAPES_MODEL), lora=args.lora, steps=args.steps,
-                              guidance=args.guidance, batch=args.batch)
+    try:
+        generate = load_generator(args.model or str(SHAPES_MODEL), lora=args.lora, steps=args.num_steps,
+                                  guidance=args.guidance, batch=args.micro_batch)
+    except (OSError, ValueError) as err:  # a missing or unreadable model directory, a LoRA it cannot take
+        print(f"flowgrpo sample: error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = generate([args.prompt], args.n, args.seed)[0]
+    images = generate([args.prompt], args.images_per_prompt, args.seed)[0]
     for i, img in enumerate(images):
         img.save(out / f"{i:03d}.png")
     print(f"wrote {len(images)} images to {out}")
@@ -73,13 +77,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--lora", default=None, help="optional LoRA weights directory saved by `flowgrpo train`")
     s.add_argument("--prompt", required=True)
     s.add_argument("--out", required=True, help="output directory for NNN.png")
-    s.add_argument("--n", type=int, default=4, help="number of images")
-    s.add_argument("--steps", type=int, default=None, help="Euler steps (default 20); a masked diffusion model: "
+    s.add_argument("--images-per-prompt", "--n", dest="images_per_prompt", type=int, default=4, help="number of images")
+    s.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=None, help="Euler steps (default 20); a masked diffusion model: "
                    "unmasking steps of the hand-set schedule instead of its own")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 4.5); a "
                    "masked diffusion model: the hand-set schedule's CFG instead of its own schedule")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch", type=int, default=16, help="images per forward pass")
+    s.add_argument("--micro-batch", "--batch", dest="micro_batch", type=int, default=16, help="images per forward pass")
     s.set_defaults(func=_sample)
 
     r = sub.add_parser("pretrain-shapes", help="pretrain the Shapes base model (about an hour on 2 CPU cores)",

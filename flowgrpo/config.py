@@ -27,7 +27,8 @@ from flowgrpo.strategies import STRATEGIES, RunContext, Sampling
 __all__ = ["ConfigError", "PRESETS", "TrainConfig", "add_arguments", "check_tag_weights", "make_config",
            "overrides_from_args"]
 
-SDE_KINDS = ("flow_grpo", "dance", "cps")
+SDE_KINDS = ("flow_sde", "dance_sde", "cps")
+OLD_SDE_KINDS = {"flow_grpo": "flow_sde", "dance": "dance_sde"}  # read, with a warning, for one more release
 PRECISIONS = ("fp32", "bf16")
 MODEL_KINDS = {"flow": "flow-matching", "mdm": "masked diffusion"}
 
@@ -65,7 +66,8 @@ class TrainConfig(GRPOSettings):
                                   "offset (same step count), so training visits every noise level, not one grid's")
     guidance: float = opt(4.5, "classifier-free guidance scale of rollouts, training and evaluation")
     noise_level: float = opt(1.2, "SDE noise level (Flow-GRPO's a, DanceGRPO's eta, CPS's level in [0, 1])")
-    sde_kind: str = opt("flow_grpo", "SDE step: flow_grpo, dance (constant sigma_t) or cps (coefficients-preserving)")
+    sde_kind: str = opt("flow_sde", "SDE step: flow_sde (Flow-GRPO's, sigma_t = a sqrt(t / (1 - t))), dance_sde "
+                                    "(DanceGRPO's constant sigma_t) or cps (coefficients-preserving)")
     shared_noise: bool = opt(True, "the members of a group start from the same initial noise")
     antithetic: bool = opt(False, "members 2j and 2j+1 of a group take opposite SDE noise (variance reduction)")
     noise_freqs: int = opt(0, "k > 0: SDE noise only in the k x k lowest DCT frequencies of each latent channel "
@@ -87,6 +89,10 @@ class TrainConfig(GRPOSettings):
         for name in ("noise_level", "max_minutes", "schedule_jitter", "noise_freqs", "sde_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.sde_kind in OLD_SDE_KINDS:
+            warnings.warn(f"sde_kind {self.sde_kind!r} is now {OLD_SDE_KINDS[self.sde_kind]!r} (the strategies keep "
+                          "their names); the old value is read for one more release", FutureWarning, stacklevel=3)
+            object.__setattr__(self, "sde_kind", OLD_SDE_KINDS[self.sde_kind])
         if self.sde_kind not in SDE_KINDS:
             raise ConfigError(f"sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
         if self.precision not in PRECISIONS:
@@ -140,7 +146,7 @@ class TrainConfig(GRPOSettings):
                               f"{MODEL_KINDS[kind]} model (its strategies: {fitting})")
         options = self.strategy_options
         if not isinstance(options, cls.Options):
-            given = dict(options)
+            given = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
             known = {f.name: f for f in fields(cls.Options)}
             unknown = sorted(set(given) - set(known))
             if unknown:

@@ -132,6 +132,3 @@ class Dist:
         if not self.sharded:
             return work
         return bool(self.all_reduce(torch.tensor([int(work)], device=self.device), "max").item())
-
-    def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(module)

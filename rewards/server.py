@@ -191,7 +191,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="registered reward name (see flowgrpo.rewards.REWARDS)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
-    p.add_argument("--config", help="reward options: inline JSON or a .json/.yaml file")
+    p.add_argument("--reward-options", "--config", dest="reward_options",
+                   help="reward options (as `flowgrpo train --reward-options`): inline JSON or a .json/.yaml file")
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /score; 'env:NAME' reads it from $NAME")
     p.add_argument("--max-batch", type=int, default=32, help="most images per reward call (default 32)")
     p.add_argument("--max-bytes", type=int, default=64 * 2**20,
@@ -213,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        reward = build_reward(args.name, **load_config_arg(args.config))
+        reward = build_reward(args.name, **load_config_arg(args.reward_options))
         server = make_server(reward, args.host, args.port, token=resolve_secret(args.token), max_batch=args.max_batch,
                              max_bytes=args.max_bytes, max_pixels=args.max_pixels,
                              batch_wait_s=args.batch_wait_ms / 1000, read_timeout=args.read_timeout,

@@ -46,7 +46,7 @@ def sample_branched(
     member_group: Tensor,
     *,
     noise: KeyedNoise,
-    kind: str = "flow_grpo",
+    kind: str = "flow_sde",
     noise_level: float = 0.7,
     noise_freqs: int = 0,
     call_size: int,

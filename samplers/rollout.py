@@ -60,7 +60,7 @@ def sample_trajectory(
     sigmas: Tensor,
     *,
     sde_mask: Tensor,
-    kind: str = "flow_grpo",
+    kind: str = "flow_sde",
     noise_level: float = 0.7,
     generator: torch.Generator | None = None,
     noise: KeyedNoise | None = None,

@@ -29,9 +29,9 @@ __all__ = [
     "band_lift",
     "band_project",
     "cps_mean_std",
-    "dance_grpo_mean_std",
+    "dance_sde_mean_std",
     "dpm2_step",
-    "flow_grpo_mean_std",
+    "flow_sde_mean_std",
     "gaussian_log_prob",
     "ode_step",
     "sde_log_prob",
@@ -98,7 +98,7 @@ def _drift_mean(x: Tensor, v: Tensor, s: Tensor, dt: Tensor, sigma_t: Tensor) ->
     return x * (1 + sigma_t**2 / (2 * s) * dt) + v * (1 + sigma_t**2 * (1 - s) / (2 * s)) * dt
 
 
-def flow_grpo_mean_std(
+def flow_sde_mean_std(
     x: Tensor, v: Tensor, sigma, sigma_next, noise_level: float, *, sigma_max: float
 ) -> tuple[Tensor, Tensor]:
     """Flow-GRPO SDE step: sigma_t = a * sqrt(t / (1 - t)), std = sigma_t * sqrt(-dt).
@@ -118,7 +118,7 @@ def flow_grpo_mean_std(
     return _drift_mean(x, v, s, dt, sigma_t), sigma_t * torch.sqrt(-dt)
 
 
-def dance_grpo_mean_std(
+def dance_sde_mean_std(
     x: Tensor, v: Tensor, sigma, sigma_next, noise_level: float, *, sigma_max: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """DanceGRPO SDE step: the Flow-GRPO mean with a constant sigma_t = eta (``noise_level``).
@@ -152,8 +152,8 @@ def cps_mean_std(
 
 
 SDE_STEPS: dict[str, MeanStd] = {
-    "flow_grpo": flow_grpo_mean_std,
-    "dance": dance_grpo_mean_std,
+    "flow_sde": flow_sde_mean_std,
+    "dance_sde": dance_sde_mean_std,
     "cps": cps_mean_std,
 }
 

@@ -67,8 +67,8 @@ def test_prompt_diversity_is_the_mean_pixel_distance_within_each_prompt():
 def test_unknown_classes_and_bad_files_are_refused(tmp_path, capsys):
     f = tmp_path / "m.jsonl"
     f.write_text(json.dumps({"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a dog"}) + "\n")
-    assert main(["eval", "geneval", "--metadata", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert main(["eval", "geneval", "--prompts", str(f), "--out", str(tmp_path / "o")]) == 2
     assert "knows the Shapes classes" in capsys.readouterr().err
     f.write_text("{oops\n")
-    assert main(["eval", "geneval", "--metadata", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert main(["eval", "geneval", "--prompts", str(f), "--out", str(tmp_path / "o")]) == 2
     assert "m.jsonl:1: invalid JSON" in capsys.readouterr().err

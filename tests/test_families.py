@@ -157,7 +157,7 @@ def _sde_rollout(policy, guidance, seed=0):
     sigmas = policy.sigmas(3)
     return policy.rollout([e["prompt"] for e in entries], entries, torch.arange(2).repeat_interleave(2), x,
                           sigmas=sigmas, sde_mask=torch.ones(3, dtype=torch.bool), guidance=guidance,
-                          kind="flow_grpo", noise_level=0.7, generator=g)
+                          kind="flow_sde", noise_level=0.7, generator=g)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

@@ -348,7 +348,7 @@ def test_serve_reward_serves_geneval(models):
     config = json.dumps({"detector_path": str(detector), "clip_path": str(clip), "detector_size": 64})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "flowgrpo.cli", "serve-reward", "geneval", "--port", "0",
-                             "--config", config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--reward-options", config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         assert "flowgrpo serve-reward: geneval on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
@@ -367,7 +367,7 @@ def test_cli_scores_real_geneval_metadata_with_the_detector(models, tmp_path, ca
     two = {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
            "prompt": "a photo of a dog and a cat"}
     meta.write_text("".join(json.dumps(e) + "\n" for e in (DOG, two, TWO_DOGS)))
-    base = ["eval", "geneval", "--metadata", str(meta), "--n", "1", "--steps", "2", "--batch", "4"]
+    base = ["eval", "geneval", "--prompts", str(meta), "--images-per-prompt", "1", "--num-steps", "2", "--micro-batch", "4"]
     out = tmp_path / "out"
     assert main(base + ["--out", str(out), "--scorer", "detector", "--detector", str(detector), "--clip", str(clip),
                         "--detector-size", "64", "--scorer-device", "cpu"]) == 0
@@ -384,7 +384,7 @@ def test_cli_scores_real_geneval_metadata_with_the_detector(models, tmp_path, ca
     assert main(base + ["--out", str(tmp_path / "o4"), "--scorer", "detector", "--detector", str(tmp_path / "nope"),
                         "--clip", str(clip)]) == 2
     assert "--detector='" in capsys.readouterr().err
-    assert main(["eval", "geneval", "--metadata", "shapes:test", "--out", str(tmp_path / "o5"), "--scorer", "detector",
+    assert main(["eval", "geneval", "--prompts", "shapes:test", "--out", str(tmp_path / "o5"), "--scorer", "detector",
                  "--detector", str(detector), "--clip", str(clip)]) == 2
     assert "is not one of GenEval's 80 COCO classes" in capsys.readouterr().err
     with pytest.raises(SystemExit):

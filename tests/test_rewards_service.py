@@ -345,7 +345,7 @@ def render(words):
 def test_serve_reward_cli_serves_ocr_with_token(monkeypatch):
     env = {**os.environ, "FLOWGRPO_TEST_TOKEN": "tok-123", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "flowgrpo.cli", "serve-reward", "ocr", "--port", "0",
-                             "--token", "env:FLOWGRPO_TEST_TOKEN", "--config", '{"num_threads": 1}'],
+                             "--token", "env:FLOWGRPO_TEST_TOKEN", "--reward-options", '{"num_threads": 1}'],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()

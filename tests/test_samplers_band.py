@@ -12,7 +12,7 @@ from flowgrpo.samplers.steps import (
 )
 
 KINDS = sorted(SDE_STEPS)
-LEVEL = {"flow_grpo": 0.7, "dance": 0.3, "cps": 0.8}
+LEVEL = {"flow_sde": 0.7, "dance_sde": 0.3, "cps": 0.8}
 
 
 def test_band_coordinates_hand_computed():
@@ -78,7 +78,7 @@ def test_band_noise_keeps_the_ode_marginals():
     sigmas = torch.linspace(0.95, 0.3, 201, dtype=torch.float64)
     x = torch.randn(4000, 1, 8, 8, generator=g, dtype=torch.float64) * math.sqrt(var(0.95))
     for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        x, _, _ = sde_step("flow_grpo", x, x * (2 * s - 1) / var(s), s, s_next, 0.9, sigma_max=0.98, generator=g,
+        x, _, _ = sde_step("flow_sde", x, x * (2 * s - 1) / var(s), s, s_next, 0.9, sigma_max=0.98, generator=g,
                            noise_freqs=3)
     z = band_project(x, 8)  # orthonormal coordinates of the whole image
     inside, outside = z[:, :, :3, :3], torch.cat([z[:, :, 3:].flatten(1), z[:, :, :3, 3:].flatten(1)], dim=1)
@@ -86,7 +86,7 @@ def test_band_noise_keeps_the_ode_marginals():
     assert abs(outside.var().item() / var(0.3) - 1) < 0.03
     # the noise does move the band: the draws differ from the deterministic (ODE) path inside it only
     x_ode = torch.ones(1, 1, 8, 8, dtype=torch.float64)
-    x_a, _, _ = sde_step("flow_grpo", x_ode, x_ode, 0.5, 0.4, 0.9, sigma_max=0.98, noise_freqs=3,
+    x_a, _, _ = sde_step("flow_sde", x_ode, x_ode, 0.5, 0.4, 0.9, sigma_max=0.98, noise_freqs=3,
                          generator=torch.Generator().manual_seed(0))
     assert (band_project(x_a - ode_step(x_ode, x_ode, 0.5, 0.4), 8)[:, :, :3, :3]).abs().max() > 1e-3
 
@@ -105,10 +105,10 @@ def test_band_rollout_log_probs_match_recomputation_and_antithetic_pairs():
                              noise_freqs=4)
     assert traj.noise_freqs == 4
     x = traj.latents[:, 1]
-    lp = sde_log_prob("flow_grpo", x, velocity(x, sigmas[1].expand(4)), traj.latents[:, 2], sigmas[1], sigmas[2], 0.7,
+    lp = sde_log_prob("flow_sde", x, velocity(x, sigmas[1].expand(4)), traj.latents[:, 2], sigmas[1], sigmas[2], 0.7,
                       sigma_max=traj.sigma_max, noise_freqs=4)
     torch.testing.assert_close(lp, traj.log_probs[:, 1], rtol=0, atol=1e-6)
-    mean, _ = transition_mean_std("flow_grpo", x, velocity(x, sigmas[1].expand(4)), sigmas[1], sigmas[2], 0.7,
+    mean, _ = transition_mean_std("flow_sde", x, velocity(x, sigmas[1].expand(4)), sigmas[1], sigmas[2], 0.7,
                                   sigma_max=traj.sigma_max, noise_freqs=4)
     d = traj.latents[:, 2] - mean
     torch.testing.assert_close(d[1::2], -d[0::2], rtol=0, atol=1e-5)
@@ -123,9 +123,9 @@ def test_band_rollout_log_probs_match_recomputation_and_antithetic_pairs():
 def test_band_bad_input(shape, k, match):
     x = torch.zeros(shape)
     with pytest.raises(ValueError, match=match):
-        sde_step("flow_grpo", x, x, 0.7, 0.5, 0.7, sigma_max=0.9, generator=torch.Generator(), noise_freqs=k)
+        sde_step("flow_sde", x, x, 0.7, 0.5, 0.7, sigma_max=0.9, generator=torch.Generator(), noise_freqs=k)
     with pytest.raises(ValueError, match=r"band coordinates must be \[B, C, k, k\]"):
         band_lift(torch.zeros(2, 3, 4), (8, 8))
     with pytest.raises(ValueError, match="must have shape"):
-        sde_step("flow_grpo", torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), 0.7, 0.5, 0.7, sigma_max=0.9,
+        sde_step("flow_sde", torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), 0.7, 0.5, 0.7, sigma_max=0.9,
                  noise=torch.zeros(2, 3, 8, 8), noise_freqs=2)

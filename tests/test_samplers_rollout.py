@@ -42,7 +42,7 @@ def _run(kind, seed, mask=None, x_init=None):
         flow_sigmas(SD3, N_STEPS),
         sde_mask=_full_mask(kind) if mask is None else mask,
         kind=kind,
-        noise_level=0.7 if kind != "dance" else 0.3,
+        noise_level=0.7 if kind != "dance_sde" else 0.3,
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -91,7 +91,7 @@ def test_all_ode_mask_equals_diffusers_euler_sampling():
 
 def test_ode_steps_before_the_window_ignore_the_seed():
     mask = mixgrpo_window(3, N_STEPS, 2, 1)  # SDE on steps 3, 4
-    a, b = _run("flow_grpo", 1, mask=mask), _run("flow_grpo", 2, mask=mask)
+    a, b = _run("flow_sde", 1, mask=mask), _run("flow_sde", 2, mask=mask)
     assert torch.equal(a.latents[:, :4], b.latents[:, :4])  # x at sigmas[0..3]: no noise drawn yet
     assert not torch.equal(a.latents[:, 4], b.latents[:, 4])
     assert (a.log_probs[:, [3, 4]] != 0).all() and (a.log_probs[:, mask.logical_not()] == 0).all()
@@ -102,14 +102,14 @@ def test_first_flow_grpo_step_has_std_equal_to_noise_level():
     x_init = torch.zeros(2, 50_000)
     traj = sample_trajectory(
         lambda x, s: torch.zeros_like(x), x_init, flow_sigmas(SD3, N_STEPS),
-        sde_mask=_full_mask("flow_grpo"), generator=torch.Generator().manual_seed(0),
+        sde_mask=_full_mask("flow_sde"), generator=torch.Generator().manual_seed(0),
     )
     # x = 0, v = 0: mean is 0, so x_1 is pure noise of std noise_level.
     assert abs(traj.latents[:, 1].std().item() - 0.7) < 5 * 0.7 / math.sqrt(2 * 100_000)
 
 
 def test_half_precision_init_gives_float32_latents():
-    traj = _run("flow_grpo", 0, x_init=_x_init().to(torch.bfloat16))
+    traj = _run("flow_sde", 0, x_init=_x_init().to(torch.bfloat16))
     assert traj.latents.dtype == torch.float32 and traj.log_probs.dtype == torch.float32
 
 
@@ -134,7 +134,7 @@ def test_sample_trajectory_bad_input(kwargs, match):
         "x_init": _x_init(),
         "sigmas": flow_sigmas(SD3, N_STEPS),
         "sde_mask": torch.ones(N_STEPS, dtype=torch.bool),
-        "kind": "flow_grpo",
+        "kind": "flow_sde",
         "noise_level": 0.7,
         "generator": torch.Generator().manual_seed(0),
     }
@@ -226,7 +226,7 @@ def test_coarse_tail_hand_computed():
         coarse_tail(s, 0, 0)
 
 
-@pytest.mark.parametrize("kind", ["flow_grpo", "cps"])
+@pytest.mark.parametrize("kind", ["flow_sde", "cps"])
 def test_per_row_mask_branches_from_the_shared_ode_path(kind):
     # Two groups of two sharing their initial noise; group 0 branches at step 1, group 1 at step 4.
     x0 = _x_init()[:2].repeat_interleave(2, dim=0)
@@ -257,9 +257,9 @@ def test_per_row_mask_branches_from_the_shared_ode_path(kind):
 
 
 def test_a_full_per_row_mask_equals_the_shared_mask():
-    mask = _full_mask("flow_grpo")
-    a = _run("flow_grpo", 9, mask=mask)
-    b = _run("flow_grpo", 9, mask=mask.expand(4, N_STEPS).clone())
+    mask = _full_mask("flow_sde")
+    a = _run("flow_sde", 9, mask=mask)
+    b = _run("flow_sde", 9, mask=mask.expand(4, N_STEPS).clone())
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
 
 
@@ -270,7 +270,7 @@ def test_antithetic_pairs_mirror_their_noise_about_the_shared_mean(kind):
     mask = torch.zeros(N_STEPS, dtype=torch.bool)
     mask[2] = True
     traj = sample_trajectory(_velocity, x0, flow_sigmas(SD3, N_STEPS), sde_mask=mask, kind=kind,
-                             noise_level=0.7 if kind != "dance" else 0.3, generator=torch.Generator().manual_seed(4),
+                             noise_level=0.7 if kind != "dance_sde" else 0.3, generator=torch.Generator().manual_seed(4),
                              antithetic=True)
     x, s = traj.latents[:, 2], traj.sigmas
     mean, std = SDE_STEPS[kind](x, _velocity(x, s[2].expand(4)), s[2], s[3], traj.noise_level, sigma_max=traj.sigma_max)

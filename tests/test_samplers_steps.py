@@ -10,8 +10,8 @@ from flowgrpo.samplers.schedules import calculate_shift, flow_sigmas
 from flowgrpo.samplers.steps import (
     SDE_STEPS,
     cps_mean_std,
-    dance_grpo_mean_std,
-    flow_grpo_mean_std,
+    dance_sde_mean_std,
+    flow_sde_mean_std,
     gaussian_log_prob,
     ode_step,
     sde_log_prob,
@@ -57,14 +57,14 @@ def test_flow_grpo_clamp_at_t1_hand_computed():
     # sigma = 1, sigma_next = sigma_max = 0.9, a = 0.7: sigma_t = 0.7 sqrt(1 / 0.1), std = sigma_t sqrt(0.1) = 0.7,
     # mean = x (1 + 0.49 * 10 * (-0.1) / 2) + v * (1 + 0) * (-0.1) = 0.755 x - 0.1 v.
     x, v = torch.tensor([[1.0, -2.0]]), torch.tensor([[3.0, 0.5]])
-    mean, std = flow_grpo_mean_std(x, v, 1.0, 0.9, 0.7, sigma_max=0.9)
+    mean, std = flow_sde_mean_std(x, v, 1.0, 0.9, 0.7, sigma_max=0.9)
     assert std.item() == pytest.approx(0.7, rel=1e-6)
     torch.testing.assert_close(mean, torch.tensor([[0.755 - 0.3, -1.51 - 0.05]]), rtol=0, atol=1e-6)
     # On the SD3 schedule the first step's std is exactly the noise level: sqrt(-dt / (1 - sigmas[1])) = 1.
     sigmas = flow_sigmas(SD3, 10)
     # sigmas[1]: s = 1 - (1 - 0.003 / 1.002) / 9 = 0.8892216 on the unshifted grid, then 3 s / (1 + 2 s).
     assert sigmas[1].item() == pytest.approx(0.9601293, abs=1e-6)
-    _, std = flow_grpo_mean_std(x, v, sigmas[0], sigmas[1], 0.7, sigma_max=float(sigmas[1]))
+    _, std = flow_sde_mean_std(x, v, sigmas[0], sigmas[1], 0.7, sigma_max=float(sigmas[1]))
     assert std.item() == pytest.approx(0.7, rel=1e-5)
 
 
@@ -73,10 +73,10 @@ def test_mid_step_hand_computed_for_each_kind():
     x, v = torch.ones(1, 1), torch.full((1, 1), 2.0)
     # Flow-GRPO a = 0.7: sigma_t^2 = 0.49 * 0.5 / 0.5 = 0.49;
     # mean = 1 (1 - 0.49 * 0.25) + 2 (1 + 0.49 * 0.5) (-0.25) = 0.8775 - 0.6225 = 0.255; std = 0.7 * 0.5.
-    mean, std = flow_grpo_mean_std(x, v, 0.5, 0.25, 0.7, sigma_max=0.9)
+    mean, std = flow_sde_mean_std(x, v, 0.5, 0.25, 0.7, sigma_max=0.9)
     assert (mean.item(), std.item()) == pytest.approx((0.255, 0.35), rel=1e-6)
     # DanceGRPO eta = 0.5: mean = 1 (1 - 0.0625) + 2 * 1.125 * (-0.25) = 0.375; std = 0.5 * sqrt(0.25).
-    mean, std = dance_grpo_mean_std(x, v, 0.5, 0.25, 0.5, sigma_max=0.9)
+    mean, std = dance_sde_mean_std(x, v, 0.5, 0.25, 0.5, sigma_max=0.9)
     assert (mean.item(), std.item()) == pytest.approx((0.375, 0.25), rel=1e-6)
     # CPS level 0.5: std = 0.25 sin(pi/4); x0_hat = 0, x1_hat = 2, mean = 2 sqrt(0.0625 - 0.03125).
     mean, std = cps_mean_std(x, v, 0.5, 0.25, 0.5, sigma_max=0.9)
@@ -89,7 +89,7 @@ def _expected_mean_std(kind, x, v, s, s_next, level, sigma_max):
     if kind == "cps":
         std = s_next * math.sin(level * math.pi / 2)
         return (x - s * v) * (1 - s_next) + (x + (1 - s) * v) * math.sqrt(s_next**2 - std**2), std
-    sig_t = level if kind == "dance" else level * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))
+    sig_t = level if kind == "dance_sde" else level * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))
     mean = x * (1 + sig_t**2 / (2 * s) * dt) + v * (1 + sig_t**2 * (1 - s) / (2 * s)) * dt
     return mean, sig_t * math.sqrt(-dt)
 
@@ -128,7 +128,7 @@ def test_cps_preserves_forward_marginal_coefficients():
 
 def test_last_step_to_zero():
     x, v = torch.randn(2, 3), torch.randn(2, 3)
-    mean, std = flow_grpo_mean_std(x, v, 0.1, 0.0, 0.7, sigma_max=0.9)
+    mean, std = flow_sde_mean_std(x, v, 0.1, 0.0, 0.7, sigma_max=0.9)
     # sigma_t = 0.7 sqrt(0.1 / 0.9), std = sigma_t sqrt(0.1): finite and positive at the last step.
     assert std.item() == pytest.approx(0.7 * math.sqrt(0.1 / 0.9) * math.sqrt(0.1), rel=1e-6)
     assert torch.isfinite(mean).all()
@@ -191,7 +191,7 @@ def test_per_sample_sigmas_match_scalar_calls(kind):
 
 def test_half_precision_inputs_are_upcast():
     x = torch.randn(2, 4).to(torch.bfloat16)
-    mean, std = flow_grpo_mean_std(x, x, 0.5, 0.4, 0.7, sigma_max=0.9)
+    mean, std = flow_sde_mean_std(x, x, 0.5, 0.4, 0.7, sigma_max=0.9)
     assert mean.dtype == torch.float32 and std.dtype == torch.float32
     assert ode_step(x, x, 0.5, 0.4).dtype == torch.float32
 
@@ -201,17 +201,17 @@ def test_bad_step_input_raises():
     with pytest.raises(ValueError, match="unknown SDE kind"):
         sde_step("ddim", x, x, 0.5, 0.4, 0.7, sigma_max=0.9, generator=torch.Generator())
     with pytest.raises(ValueError, match="exactly one"):
-        sde_step("flow_grpo", x, x, 0.5, 0.4, 0.7, sigma_max=0.9)
+        sde_step("flow_sde", x, x, 0.5, 0.4, 0.7, sigma_max=0.9)
     with pytest.raises(ValueError, match="exactly one"):
-        sde_step("flow_grpo", x, x, 0.5, 0.4, 0.7, sigma_max=0.9, generator=torch.Generator(), noise=x)
+        sde_step("flow_sde", x, x, 0.5, 0.4, 0.7, sigma_max=0.9, generator=torch.Generator(), noise=x)
     with pytest.raises(ValueError, match="noise must have"):
-        sde_step("flow_grpo", x, x, 0.5, 0.4, 0.7, sigma_max=0.9, noise=torch.zeros(3))
+        sde_step("flow_sde", x, x, 0.5, 0.4, 0.7, sigma_max=0.9, noise=torch.zeros(3))
     with pytest.raises(ValueError, match="noise_level"):
-        flow_grpo_mean_std(x, x, 0.5, 0.4, -0.1, sigma_max=0.9)
+        flow_sde_mean_std(x, x, 0.5, 0.4, -0.1, sigma_max=0.9)
     with pytest.raises(ValueError, match="noise_level"):
         cps_mean_std(x, x, 0.5, 0.4, 1.5, sigma_max=0.9)
     with pytest.raises(ValueError, match="sigma_max"):
-        flow_grpo_mean_std(x, x, 1.0, 0.9, 0.7, sigma_max=1.0)
+        flow_sde_mean_std(x, x, 1.0, 0.9, 0.7, sigma_max=1.0)
     with pytest.raises(ValueError, match="same shape"):
         ode_step(x, torch.zeros(2, 1), 0.5, 0.4)
     with pytest.raises(ValueError, match="sigma must be"):

@@ -63,13 +63,13 @@ def test_sampling_options_of_the_mdm_are_refused_for_the_flow_model():
 def test_sample_and_eval_commands_take_a_masked_diffusion_model(tmp_path):
     pretrain(PretrainConfig(out=str(tmp_path / "pt"), **TINY))
     model = str(tmp_path / "pt" / "step000004")
-    assert main(["sample", "--model", model, "--prompt", "a photo of a red circle", "--n", "2", "--out",
+    assert main(["sample", "--model", model, "--prompt", "a photo of a red circle", "--images-per-prompt", "2", "--out",
                  str(tmp_path / "img")]) == 0
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["000.png", "001.png"]
     meta = tmp_path / "meta.jsonl"
     meta.write_text("".join(json.dumps(e) + "\n" for e in load_split("test")[::50]))
-    for run, extra in (("own", []), ("hand-set", ["--steps", "5", "--guidance", "2.0"])):
-        assert main(["eval", "geneval", "--model", model, "--metadata", str(meta), "--n", "2", "--batch", "4",
+    for run, extra in (("own", []), ("hand-set", ["--num-steps", "5", "--guidance", "2.0"])):
+        assert main(["eval", "geneval", "--model", model, "--prompts", str(meta), "--images-per-prompt", "2", "--micro-batch", "4",
                      "--out", str(tmp_path / run), *extra]) == 0
     results = {run: json.loads((tmp_path / run / "results.json").read_text()) for run in ("own", "hand-set")}
     assert results["own"]["n_images"] == {tag: 2 for tag in results["own"]["n_images"]}

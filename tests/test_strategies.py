@@ -44,7 +44,7 @@ def test_completions_of_an_ode_trajectory_are_its_final_images(tiny_model):
     x = torch.randn(6, *policy.latent_shape(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ro = policy.rollout(prompts, [e for e in PROMPTS for _ in range(2)], torch.arange(3).repeat_interleave(2), x,
                         sigmas=policy.sigmas(5), sde_mask=torch.zeros(5, dtype=torch.bool), guidance=4.5,
-                        kind="flow_grpo", noise_level=0.0)
+                        kind="flow_sde", noise_level=0.0)
     completed = complete(policy, ro, [0, 1, 2, 3, 4])
     assert completed.shape == (6, 5, *ro.images.shape[1:])
     for j in range(5):

@@ -43,7 +43,7 @@ def _rollout(policy, generator, guidance=4.5, steps=4):
     x = group_noise(2, 4, policy.latent_shape(), generator=generator, shared=False)
     sigmas = policy.sigmas(steps)
     return policy.rollout([e["prompt"] for e in entries], entries, gids, x, sigmas=sigmas,
-                          sde_mask=torch.ones(steps, dtype=torch.bool), guidance=guidance, kind="flow_grpo",
+                          sde_mask=torch.ones(steps, dtype=torch.bool), guidance=guidance, kind="flow_sde",
                           noise_level=0.7, generator=generator)
 
 
@@ -98,7 +98,7 @@ def test_g2rpo_branches_train_on_their_own_step_with_ratio_one(tiny_model, antit
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
     sigmas = offset_schedule(policy.sigmas(12), 4, offset) if offset else policy.sigmas(4)
     ro = policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, plan.group_ids, x, sigmas=sigmas,
-                        sde_mask=mask, guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g,
+                        sde_mask=mask, guidance=4.5, kind="flow_sde", noise_level=0.7, generator=g,
                         antithetic=cfg.antithetic, noise_freqs=cfg.noise_freqs)
     assert ro.noise_freqs == noise_freqs
     steps = strategy.train_steps(ro.sde_mask, plan)
@@ -124,7 +124,7 @@ def _g2rpo_rollout(policy, cfg, seed):
     x = group_noise(2, 4, policy.latent_shape(), generator=g, shared=True)
     return policy.rollout([p for p in PROMPTS for _ in range(4)], [{}] * 8, plan.group_ids, x,
                           sigmas=policy.sigmas(cfg.num_steps), sde_mask=strategy_of(cfg, policy).sde_mask(plan, cfg.num_steps),
-                          guidance=4.5, kind="flow_grpo", noise_level=0.7, generator=g)
+                          guidance=4.5, kind="flow_sde", noise_level=0.7, generator=g)
 
 
 def test_multi_granularity_finishes_each_branch_on_the_coarse_schedule(tiny_model):
@@ -463,3 +463,16 @@ def test_an_old_option_name_on_the_command_line_warns_in_one_line(tmp_path, caps
                    "for one more release",
                    "flowgrpo train: error: --mixgrpo.window-shift-every (an option of strategy mixgrpo): this run's "
                    "strategy is flow_grpo"]
+
+
+def test_sample_reports_a_missing_model_in_one_line_and_old_spellings_warn(tmp_path, capsys):
+    from flowgrpo.cli import main
+
+    assert main(["sample", "--model", str(tmp_path / "nonexistent"), "--prompt", "a photo of a circle", "--n", "1",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["flowgrpo sample: warning: --n is now --images-per-prompt; the old spelling is read for one more "
+                   "release",
+                   f"flowgrpo sample: error: {tmp_path / 'nonexistent'} is not a diffusers pipeline directory (no "
+                   "model_index.json)"]
+    assert not (tmp_path / "out").exists()

@@ -287,12 +287,12 @@ def test_cli_configuration_errors(tmp_path, bench, monkeypatch, capsys):
     finally:
         server.stop()
     assert sum(map(len, server.hits.values())) == 0  # refused before any image was judged
-    assert main(args("d", tmp_path / "nowhere") + ["--n", "2"]) == 2
+    assert main(args("d", tmp_path / "nowhere") + ["--images-per-prompt", "2"]) == 2
     assert "10 of 10 images missing" in capsys.readouterr().err
     monkeypatch.delenv("UGB_TEST_KEY")
     assert main(args("c")) == 2 and "UGB_TEST_KEY: that environment variable is not set" in capsys.readouterr().err
     bare = ["eval", "unigenbench", "--prompts", str(PROMPTS), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "e")]
-    assert main(bare + ["--judge", "chat"]) == 2 and "needs --judge-url and --judge-model" in capsys.readouterr().err
+    assert main(bare + ["--judge-backend", "chat"]) == 2 and "needs --judge-url and --judge-model" in capsys.readouterr().err
     # Without a judge URL the default is the Shapes verifier, which only takes Shapes prompts.
     assert main(bare) == 2 and "prompt 0 has no Shapes metadata" in capsys.readouterr().err
 

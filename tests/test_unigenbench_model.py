@@ -14,7 +14,7 @@ def test_generation_from_a_saved_pipeline_end_to_end(tmp_path, capsys):
     assert [len(x) for x in a] == [2, 2] and a[0][0].size == (32, 32)
     assert a[0][0].tobytes() == b[0][0].tobytes()  # deterministic in (prompts, n, seed)
     out = tmp_path / "ugb"
-    code = main(["eval", "unigenbench", "--model", str(model), "--out", str(out), "--limit", "3", "--n", "2",
+    code = main(["eval", "unigenbench", "--model", str(model), "--out", str(out), "--limit", "3", "--images-per-prompt", "2",
                  "--gen-opt", "steps=2", "--gen-opt", "guidance=1.0"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())

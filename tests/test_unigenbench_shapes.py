@@ -136,7 +136,7 @@ def test_cli_runs_offline_on_the_shapes_default(tmp_path, capsys):
     for r in rows:
         for j in range(2):
             picture(r.prompt, seed=100 * r.index + j).save(folder / f"{r.index}_{j}.png")
-    assert main(["eval", "unigenbench", "--images", str(folder), "--out", str(tmp_path / "out"), "--limit", "12", "--n", "2"]) == 0
+    assert main(["eval", "unigenbench", "--images", str(folder), "--out", str(tmp_path / "out"), "--limit", "12", "--images-per-prompt", "2"]) == 0
     assert "UniGenBench overall 100.00%" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["images"]["judged"] == 24 and summary["overall"] == 1.0

@@ -1,7 +1,7 @@
 """Assemble the Shapes base model as a diffusers StableDiffusion3Pipeline (T5 slot empty)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -63,7 +63,3 @@ def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str]) -> tuple[
         max_sequence_length=MAX_SEQUENCE_LENGTH, device=torch.device("cpu"),
     )
     return embeds, pooled
-
-
-def spec_dict(spec: TransformerSpec) -> dict:
-    return asdict(spec)

@@ -51,7 +51,7 @@ class Sampling:
     sde_steps: int = 3  # the SDE window: the first k steps (0 = the strategy's default)
     guidance: float = 4.5
     noise_level: float = 1.2
-    sde_kind: str = "flow_grpo"
+    sde_kind: str = "flow_sde"
     shared_noise: bool = True  # a group's members start from the same initial noise
     antithetic: bool = False  # members 2j and 2j + 1 take opposite SDE noise
     noise_freqs: int = 0  # > 0: SDE noise in the k x k lowest DCT frequencies only
