@@ -476,3 +476,16 @@ def test_sample_reports_a_missing_model_in_one_line_and_old_spellings_warn(tmp_p
                    f"flowgrpo sample: error: {tmp_path / 'nonexistent'} is not a diffusers pipeline directory (no "
                    "model_index.json)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorboard_gets_the_metrics_every_evaluations_grid_and_the_curve(tiny_model, tmp_path, eval_file):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(replace(_cfg(tiny_model, out, eval_file, 2), log_with="tensorboard", eval_every=1))
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    assert {"eval/grid", "eval/curve"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("eval/curve")] == [1, 2]
+    assert {"reward_mean", "eval/overall"} <= set(events.Tags()["scalars"])
+    assert (out / "eval" / "curve.png").is_file() and (out / "eval" / "iter00002" / "grid.png").is_file()
