@@ -19,13 +19,13 @@ def command_verdicts(args: list[str], *, rank: int = 0, of: int = 1) -> dict[int
     """{image index: passed} of the images that process ``rank`` of ``of`` makes for ``flowgrpo eval geneval
     ARGS`` (the command's own parser fills in its defaults)."""
     a = build_parser().parse_args(["eval", "geneval", *args, "--out", "unused"])
-    policy = load_policy_for_sampling(a.model or str(SHAPES_MODEL), batch=a.batch, device="cpu")
-    steps, guidance = sampling_settings(policy, a.steps, a.guidance)
-    todo = [e for e in load_prompts(a.metadata) for _ in range(a.n)]
+    policy = load_policy_for_sampling(a.model or str(SHAPES_MODEL), batch=a.micro_batch, device="cpu")
+    steps, guidance = sampling_settings(policy, a.num_steps, a.guidance)
+    todo = [e for e in load_prompts(a.prompts) for _ in range(a.images_per_prompt)]
     shard = SimpleNamespace(rank=rank, world_size=of, sharded=False)
     out = {}
-    for rows, chunk, x in sharded_samples(policy, todo, images_per_prompt=a.n, num_steps=steps, guidance=guidance,
-                                          seed=a.seed, batch=a.batch, progress=False, dist=shard):
+    for rows, chunk, x in sharded_samples(policy, todo, images_per_prompt=a.images_per_prompt, num_steps=steps, guidance=guidance,
+                                          seed=a.seed, batch=a.micro_batch, progress=False, dist=shard):
         out.update({i: verify(image, entry).passed for i, image, entry in zip(range(rows.start, rows.stop),
                                                                                to_uint8(x), chunk)})
     return out
@@ -34,7 +34,7 @@ def command_verdicts(args: list[str], *, rank: int = 0, of: int = 1) -> dict[int
 def tag_accuracy(verdicts: str, args: list[str]) -> dict[str, float]:
     """Per-tag accuracy and overall (mean over tags) of a whole command's verdicts ('1' = pass, image by image)."""
     a = build_parser().parse_args(["eval", "geneval", *args, "--out", "unused"])
-    todo = [e for e in load_prompts(a.metadata) for _ in range(a.n)]
+    todo = [e for e in load_prompts(a.prompts) for _ in range(a.images_per_prompt)]
     assert len(verdicts) == len(todo)
     tags = list(dict.fromkeys(e["tag"] for e in todo))
     acc = {t: sum(v == "1" for v, e in zip(verdicts, todo) if e["tag"] == t) / sum(e["tag"] == t for e in todo)
