@@ -1,7 +1,8 @@
 """Checkpoints of every trainer: crash-safe on disk, exact on resume, the same for images and text.
 
 A checkpoint is a directory ``iter-NNNNNN/`` holding ``weights.safetensors`` (the trainable parameters by name),
-``optimizer.pt`` (loaded with weights_only=True), optionally ``ema.safetensors``, ``state.json`` (iteration, time,
+``optimizer.pt`` (loaded with weights_only=True), optionally ``ema.safetensors`` and ``strategy.safetensors`` (the
+tensors a strategy carries, e.g. DiffusionNFT's old policy), ``state.json`` (iteration, time,
 tracker, strategy state, history) and, written last, ``COMPLETE``: a manifest of every file's size and SHA-256.
 It is written into ``iter-NNNNNN.tmp/`` with every file fsync'd, then renamed into place, so a kill at any instant
 leaves either the previous checkpoints alone or the new one complete. The newest ``keep`` complete checkpoints stay;
@@ -185,7 +186,8 @@ class CheckpointDir:
 
 # ---------------------------------------------------------------------------------------------- what trainers save
 def training_files(weights: dict[str, torch.Tensor], optimizer_state: dict, state: TrainState, *, kind: str,
-                   config: dict, ema: dict[str, torch.Tensor] | None = None) -> dict[str, Writer]:
+                   config: dict, ema: dict[str, torch.Tensor] | None = None,
+                   strategy: dict[str, torch.Tensor] | None = None) -> dict[str, Writer]:
     """The files of a training checkpoint. ``kind`` ('flow', 'mdm', 'llm') and ``config`` let a resume refuse a
     checkpoint of another trainer or an incompatible run."""
     meta = json.dumps({"kind": kind, "config": config, **state.to_json()}, default=str)
@@ -194,8 +196,10 @@ def training_files(weights: dict[str, torch.Tensor], optimizer_state: dict, stat
         "optimizer.pt": lambda p: torch.save(optimizer_state, p),
         "state.json": lambda p: p.write_text(meta),
     }
-    if ema is not None:
-        files["ema.safetensors"] = lambda p: save_file({n: t.detach().cpu().contiguous() for n, t in ema.items()}, str(p))
+    for name, tensors in (("ema", ema), ("strategy", strategy)):
+        if tensors:
+            files[f"{name}.safetensors"] = lambda p, t=tensors: save_file(
+                {n: v.detach().cpu().contiguous() for n, v in t.items()}, str(p))
     return files
 
 
@@ -206,6 +210,7 @@ class LoadedTraining:
     state: TrainState
     config: dict
     ema: dict[str, torch.Tensor] | None
+    strategy: dict[str, torch.Tensor]  # the strategy's tensors ({} when it carries none)
 
 
 def read_training(path: str | Path, *, kind: str, check_config: Callable[[dict], None] | None = None) -> LoadedTraining:
@@ -220,6 +225,7 @@ def read_training(path: str | Path, *, kind: str, check_config: Callable[[dict],
         weights = load_file(str(path / "weights.safetensors"))
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
         ema = load_file(str(path / "ema.safetensors")) if "ema.safetensors" in names else None
+        strategy = load_file(str(path / "strategy.safetensors")) if "strategy.safetensors" in names else {}
         state = TrainState.from_json(meta)
     except Exception as e:  # safetensors, torch and json raise many types for bad bytes
         raise CheckpointError(f"{path} is unreadable: {type(e).__name__}: {e}") from e
@@ -227,4 +233,4 @@ def read_training(path: str | Path, *, kind: str, check_config: Callable[[dict],
         raise CheckpointError(f"{path} is a {meta.get('kind')!r} checkpoint; this trainer resumes {kind!r} ones")
     if check_config is not None:
         check_config(meta.get("config", {}))
-    return LoadedTraining(weights, optimizer_state, state, meta.get("config", {}), ema)
+    return LoadedTraining(weights, optimizer_state, state, meta.get("config", {}), ema, strategy)

@@ -96,6 +96,14 @@ class TextTask:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def tensors(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_tensors(self, tensors: dict[str, Tensor], where: str) -> None:
+        if tensors:
+            raise ValueError(f"{where}: the checkpoint carries strategy tensors ({sorted(tensors)[:3]}...) that a text "
+                             "policy's run does not have")
+
     def metrics(self, rollout: TokenRollout, rewards: Tensor, plan) -> dict[str, float]:
         """Per reward function means, completion lengths and the stopped fraction, over all processes."""
         per_row = torch.cat([rewards, rollout.completion_mask.sum(1, keepdim=True).double().cpu(),

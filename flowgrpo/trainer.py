@@ -25,7 +25,7 @@ from flowgrpo.checkpoint import (CheckpointDir, TrainState, load_optimizer_state
                                  training_files)
 from flowgrpo.core import TRACKED_ESTIMATORS, AdvantageResult, compute_advantages
 from flowgrpo.distributed import Dist
-from flowgrpo.ema import WeightEMA
+from flowgrpo.policies.ema import WeightEMA
 from flowgrpo.policies.chunks import UpdateBatch
 from flowgrpo.samplers.noise import Stream, keyed_rng
 from flowgrpo.settings import BatchLayout, GRPOSettings, budget_progress
@@ -77,6 +77,8 @@ class Task(Protocol):
     def end_iteration(self) -> None: ...  # after the update
     def state_dict(self) -> dict: ...  # what the task carries across iterations (JSON)
     def load_state_dict(self, state: dict) -> None: ...
+    def tensors(self) -> dict[str, Tensor]: ...  # the tensors it carries (whole; a collective when sharded)
+    def load_tensors(self, tensors: dict[str, Tensor], where: str) -> None: ...
 
 
 class Trainer:
@@ -251,8 +253,10 @@ class Trainer:
         # gathered on every process (collectives when sharded), written by process 0
         weights, optim = self.task.policy.trainable_state_dict(), optimizer_state(module, self.optimizer)
         ema = self.ema.full() if self.ema is not None else None
+        carried = self.task.tensors()
         if self.dist.is_main:
-            files = training_files(weights, optim, self.state, kind=self.task.kind, config=self.config_json, ema=ema)
+            files = training_files(weights, optim, self.state, kind=self.task.kind, config=self.config_json, ema=ema,
+                                   strategy=carried)
             where = (self.checkpoints.save(self.state.iteration, files) if path is None
                      else write_checkpoint_dir(Path(path), files))
         self.dist.barrier()
@@ -269,6 +273,7 @@ class Trainer:
         if self.ema is not None:  # the average is updated once per iteration from the start
             self.ema.load(loaded.ema, updates=loaded.state.iteration, where=str(path))
         self.task.load_state_dict(loaded.state.strategy)
+        self.task.load_tensors(loaded.strategy, str(path))
         self.state = loaded.state
 
     def resume(self) -> Path | None:

@@ -8,6 +8,11 @@ when beta > 0) and ``kl``. Each optimizer step first builds its loss weights W f
 processes, so its gradient is that of the whole global batch, whatever the micro-batch size, the order of the
 backward passes or the number of processes (DDP averages gradients over ranks, so each rank scales its loss by the
 number of ranks).
+
+Forward-process strategies (DiffusionNFT) train an objective of their own in place of PPO-clip: their elements
+give ``loss(rollout, chunk, advantages)`` (the per-element loss and the KL's input) and the update weighs, reduces and
+steps it exactly as it does the PPO-clip loss. Elements may add a ``penalty(rollout, chunk, kl_in)`` per element
+(AWM's proximal term to a lagged copy of the weights).
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
     weights = _global_weights(batch, cfg, layout, dist)
     params = policy.trainable_parameters()
     elements = batch.elements or policy
+    own_loss, penalty = getattr(elements, "loss", None), getattr(elements, "penalty", None)
     device = batch.mask.device
     old = batch.sampled_logp.detach().clone()
     ref_cache: dict[tuple, Any] = {}
@@ -61,15 +67,21 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
             for n, chunk in enumerate(chunks):
                 rows, cols = chunk.rows.to(device), chunk.cols
                 with dist.no_sync(module, skip=n < len(chunks) - 1):
-                    logp, kl_in = elements.log_prob(batch.rollout, chunk)
                     active = batch.mask[rows, cols] != 0
-                    if epoch == 0:
-                        sums["logp_diff"] = max(sums["logp_diff"], float(
-                            ((logp.detach() - batch.sampled_logp[rows, cols]).abs() * active).max().cpu()))
-                        if batch.recompute_old:
-                            old[rows, cols] = logp.detach()
                     adv = batch.advantages[rows] if batch.advantages.ndim == 1 else batch.advantages[rows, cols]
-                    elem, st = ppo_clip_loss(logp, old[rows, cols], adv, cfg.clip_low, cfg.clip_high, mask=active)
+                    if own_loss is not None:
+                        elem, kl_in = own_loss(batch.rollout, chunk, adv)
+                        st = None
+                    else:
+                        logp, kl_in = elements.log_prob(batch.rollout, chunk)
+                        if epoch == 0:
+                            sums["logp_diff"] = max(sums["logp_diff"], float(
+                                ((logp.detach() - batch.sampled_logp[rows, cols]).abs() * active).max().cpu()))
+                            if batch.recompute_old:
+                                old[rows, cols] = logp.detach()
+                        elem, st = ppo_clip_loss(logp, old[rows, cols], adv, cfg.clip_low, cfg.clip_high, mask=active)
+                    if penalty is not None:
+                        elem = elem + penalty(batch.rollout, chunk, kl_in)
                     w = w_step[rows - o * rps, cols]
                     if cfg.beta > 0:
                         if chunk.key not in ref_cache:
@@ -82,7 +94,7 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
                     loss = (w * elem).sum()
                     loss.backward()
                 n_active = int(active.sum())
-                if n_active:
+                if n_active and st is not None:
                     sums["clip_active"] += float(st["clip_frac"]) * n_active
                     sums["elements"] += n_active
                     ratio_min, ratio_max = min(ratio_min, float(st["ratio_min"])), max(ratio_max, float(st["ratio_max"]))

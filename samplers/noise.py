@@ -28,6 +28,7 @@ class Stream:
     TOKENS = 5  # token sampling of text policies and of masked diffusion models
     EVAL = 6  # evaluation noise
     SCHEDULE = 7  # the schedule policy's actions (Co-GRPO)
+    FORWARD = 8  # forward-process training draws: each sample's noise levels t and noise ε (DiffusionNFT, AWM)
 
 
 def key_seed(*keys: int) -> int:

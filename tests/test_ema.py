@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from flowgrpo.checkpoint import CheckpointError, TrainState, read_training, training_files, write_checkpoint_dir
-from flowgrpo.ema import WeightEMA
+from flowgrpo.policies.ema import WeightEMA
 from flowgrpo.policies.state import load_trainable, trainable_state_dict
 
 

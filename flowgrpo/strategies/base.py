@@ -133,6 +133,15 @@ class Strategy:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors the strategy carries across iterations, whole (none here)."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, Tensor], where: str) -> None:
+        if tensors:
+            raise ValueError(f"{where}: the checkpoint carries strategy tensors ({sorted(tensors)[:3]}...) that "
+                             f"strategy {self.name} does not keep")
+
 
 class FlowStrategy(Strategy):
     """Flow-GRPO's rollout of a flow-matching policy, which the other flow strategies change in parts: SDE on the

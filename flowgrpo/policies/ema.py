@@ -7,25 +7,38 @@ weights, so training stays on-policy. Flow-GRPO evaluates an EMA of its LoRA wei
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
 from flowgrpo.policies.state import full_tensor
 
 
-class WeightEMA:
-    """shadow <- d * shadow + (1 - d) * weights after every optimizer step, with d = min(decay, (1 + n) / (10 + n))
-    at update n, so the average follows the weights closely at the start instead of holding on to the base model."""
+def ramp_decay(flat: int, rate: float, cap: float) -> Callable[[int], float]:
+    """d(n) = 0 for n < flat, then min((n - flat) * rate, cap): a lagged copy that starts as the weights themselves
+    and holds on to its past more and more (DiffusionNFT's old-policy schedule; Flow-Factory's linear warm-up is
+    flat 0, rate cap / warm-up steps)."""
+    if flat < 0 or rate < 0 or not 0 <= cap < 1:
+        raise ValueError(f"ramp_decay needs flat >= 0, rate >= 0 and cap in [0, 1), got {flat}, {rate}, {cap}")
+    return lambda n: 0.0 if n < flat else min((n - flat) * rate, cap)
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        if not 0 < decay < 1:
+
+class WeightEMA:
+    """shadow <- d * shadow + (1 - d) * weights after every update; by default d = min(decay, (1 + n) / (10 + n))
+    at update n, so the average follows the weights closely at the start instead of holding on to the base model.
+    ``schedule`` gives d(n) instead (n counts the updates from 1: d(n) is the decay of the n-th)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.0, *,
+                 schedule: Callable[[int], float] | None = None) -> None:
+        if schedule is None and not 0 < decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.updates = decay, 0
+        self.schedule = schedule or (lambda n: min(self.decay, n / (9 + n)))
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = self.schedule(self.updates + 1)
         for n, p in model.named_parameters():
             if n in self.shadow:
                 self.shadow[n].lerp_(p.detach(), 1 - d)
