@@ -9,6 +9,9 @@ Flow-matching policies:
   member takes one SDE step; optional multi-granularity advantages.
 - `dense_grpo`: DenseGRPO, per-step rewards from ODE completions of the intermediate latents, advantages per step,
   and a per-step noise scale calibrated from the signs of the dense rewards.
+- `diffusion_nft`: DiffusionNFT, forward-process training on the old policy's deterministic samples: implicit
+  positive and negative policies weighted by each sample's optimality probability.
+- `awm`: Advantage Weighted Matching, the advantage-weighted flow-matching loss on deterministic samples.
 Masked diffusion policies:
 - `co_grpo`: Co-GRPO, the model and its inference schedule trained on one advantage per trajectory.
 """
@@ -17,6 +20,8 @@ from flowgrpo.strategies.co_grpo import CoGRPO
 from flowgrpo.strategies.dance_grpo import DanceGRPO
 from flowgrpo.strategies.dense_grpo import DenseGRPO
 from flowgrpo.strategies.flow_grpo import FlowGRPO
+from flowgrpo.strategies.diffusion_nft import DiffusionNFT
+from flowgrpo.strategies.awm import AWM
 from flowgrpo.strategies.g2rpo import G2RPO
 from flowgrpo.strategies.mixgrpo import MixGRPO
 from flowgrpo.strategies.scoring import ImageScoring
@@ -27,8 +32,10 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (
     MixGRPO,
     G2RPO,
     DenseGRPO,
+    DiffusionNFT,
+    AWM,
     CoGRPO,
 )}
 
-__all__ = ["STRATEGIES", "CoGRPO", "DanceGRPO", "DenseGRPO", "FlowGRPO", "FlowStrategy", "G2RPO", "ImageScoring",
+__all__ = ["AWM", "STRATEGIES", "CoGRPO", "DiffusionNFT", "DanceGRPO", "DenseGRPO", "FlowGRPO", "FlowStrategy", "G2RPO", "ImageScoring",
            "MixGRPO", "RunContext", "Sampling", "Strategy", "initial_noise", "sde_noise"]
