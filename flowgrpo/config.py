@@ -42,6 +42,7 @@ class TrainConfig(GRPOSettings):
     height: int = opt(0, "image height; 0 = the model's native size")
     width: int = opt(0, "image width; 0 = the model's native size")
     lora_rank: int = opt(0, "LoRA rank of the transformer's attention projections; 0 = full fine-tuning")
+    lora_alpha: float = opt(0.0, "LoRA alpha (the adapters' scale is alpha / rank); 0 = the rank")
     trainable: str = opt("", "full fine-tuning of only the transformer parameters whose names match this regex "
                              "(e.g. 'context_embedder|text_embedder'); '' = all")
     precision: str = opt("fp32", "rollouts and updates: fp32, or bf16 autocast of the transformer (evaluation stays fp32)")
@@ -102,6 +103,8 @@ class TrainConfig(GRPOSettings):
             self._check_mdm()
         if self.sde_steps > self.num_steps:
             raise ConfigError(f"sde_steps={self.sde_steps} must be in [0, num_steps={self.num_steps}]")
+        if self.lora_alpha < 0 or (self.lora_alpha and not self.lora_rank):
+            raise ConfigError(f"lora_alpha={self.lora_alpha} needs lora_rank > 0 and must be >= 0")
         if self.trainable and self.lora_rank:
             raise ConfigError(f"trainable={self.trainable!r} selects parameters for full fine-tuning; "
                               f"with lora_rank={self.lora_rank} only the LoRA adapters train")
@@ -196,6 +199,43 @@ PRESETS: dict[str, dict] = {
                         guidance=4.5, noise_level=0.7, lr=3e-4, clip_low=1e-4, clip_high=1e-4, beta=0.004,
                         reward="shapes", prompts="prompts.jsonl", eval_prompts="prompts.jsonl", out="runs/sd35-grpo",
                         max_minutes=0.0, iterations=2000, family_options={"max_sequence_length": 128}),
+    # DiffusionNFT's SD3.5-M GenEval recipe (NVlabs/DiffusionNFT config/nft.py sd3_geneval over config/base.py, and
+    # scripts/train_nft_sd3.py); pass --model PATH and --reward / --prompts of the task.
+    "sd35-medium-nft": dict(
+        model="", strategy="diffusion_nft", precision="bf16", height=512, width=512,  # nft.py: resolution 512
+        lora_rank=32, lora_alpha=64,  # train_nft_sd3.py: LoraConfig(r=32, lora_alpha=64, gaussian init)
+        num_steps=10, eval_num_steps=40,  # nft.py: sample.num_steps 10, eval_num_steps 40
+        guidance=1.0,  # nft.py: sample.guidance_scale = 1.0 (CFG-free collection and evaluation)
+        group_size=24, prompts_per_iter=48,  # nft.py: num_image_per_prompt 24, num_groups 48
+        micro_batch=9, optimizer_steps=1,  # nft.py: bsz 9 per GPU; sd3_geneval: gradient_step_per_epoch 1
+        lr=3e-4, weight_decay=1e-4, grad_clip=1.0,  # base.py: learning_rate, adam_weight_decay, max_grad_norm
+        beta=1e-4,  # nft.py: train.beta (KL to the reference)
+        advantage_options={"scale": "batch"},  # base.py: per_prompt_stat_tracking with sample.global_std True
+        ema_decay=0.9,  # train_nft_sd3.py: EMAModuleWrapper(decay=0.9), the evaluated weights
+        diffusion_nft=dict(beta=1.0,  # nft.py: config.beta 1.0
+                           adv_clip_max=5.0,  # base.py: train.adv_clip_max 5
+                           time_fraction=0.99,  # base.py: train.timestep_fraction 0.99
+                           ode_solver="dpm2",  # nft.py: sample.solver "dpm2", deterministic
+                           lag_flat=0, lag_rate=0.001, lag_cap=0.5),  # nft.py: decay_type 1
+        out="runs/sd35-nft", iterations=2000, max_minutes=0.0, family_options={"max_sequence_length": 128}),
+    # AWM on SD3.5-M (X-GenGroup/Flow-Factory examples/awm/lora/sd3_5/default.yaml, src/flow_factory/trainers/awm.py);
+    # its clip_range 1 is inert there as here: one on-policy optimizer step per iteration keeps the ratio at 1.
+    "sd35-medium-awm": dict(
+        model="", strategy="awm", precision="bf16", height=512, width=512,  # train/eval.resolution 512
+        lora_rank=32, lora_alpha=64,  # model.lora_rank 32, lora_alpha 64
+        num_steps=14, eval_num_steps=40,  # train.num_inference_steps 14, eval.num_inference_steps 40
+        guidance=1.0,  # train/eval.guidance_scale 1.0
+        group_size=16, prompts_per_iter=48,  # train.group_size 16, unique_sample_num_per_epoch 48
+        micro_batch=8, optimizer_steps=1,  # per_device_batch_size 8, gradient_step_per_epoch 1
+        lr=3e-4, weight_decay=1e-4, grad_clip=1.0,  # learning_rate, adam_weight_decay, max_grad_norm
+        beta=1e-4,  # kl_beta 1e-4, kl_type v-based (‖v - v_ref‖²)
+        adv_clip=1.0,  # adv_clip_range 1.0
+        advantage_options={"scale": "batch"},  # global_std true
+        awm=dict(weighting="ghuber", ghuber_power=0.25,  # awm_weighting, ghuber_power
+                 train_levels=6, time_range=0.9,  # num_train_timesteps 6, discrete_wo_init, timestep_range 0.9
+                 ema_kl=1.0, ema_cap=0.3, ema_warmup=1000,  # ema_kl_beta 1, ema_decay 0.3 linear, warmup_steps 1000
+                 ode_solver="euler"),  # scheduler.dynamics_type ODE
+        out="runs/sd35-awm", iterations=2000, max_minutes=0.0, family_options={"max_sequence_length": 128}),
     "flux-dev": dict(model="", strategy="flow_grpo", sde_steps=0, precision="bf16", height=512, width=512, lora_rank=32,
                      micro_batch=2, prompts_per_iter=4, group_size=8, num_steps=6, eval_num_steps=28, guidance=1.0,
                      noise_level=0.9, lr=1e-4, clip_low=1e-4, clip_high=1e-4, beta=0.0, out="runs/flux-grpo",

@@ -52,7 +52,7 @@ def load_policy(cfg: TrainConfig, device: torch.device | str = "cpu") -> FlowPol
                                         micro_batch=cfg.micro_batch, family_options=cfg.family_options)
     policy.autocast = AUTOCAST[cfg.precision]
     if cfg.lora_rank:
-        policy.add_lora(cfg.lora_rank, seed=cfg.seed)
+        policy.add_lora(cfg.lora_rank, cfg.lora_alpha or None, seed=cfg.seed)
     if cfg.trainable:
         policy.train_only(cfg.trainable)
     policy.to(device)

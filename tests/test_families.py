@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from safetensors.torch import load_file
 
-from flowgrpo.config import TrainConfig
+from flowgrpo.config import TrainConfig, make_config
 from flowgrpo.core import compute_advantages
 from flowgrpo.policies.families import (
     SanaFamily,
@@ -244,3 +245,21 @@ def test_train_iteration_save_and_exact_resume(models, name, tmp_path):
     final = tmp_path / "a" / "final"
     assert (final / "pytorch_lora_weights.safetensors").is_file() if name != "sd3" else \
         (final / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("preset", ["sd35-medium-nft", "sd35-medium-awm"])
+def test_the_forward_process_presets_train_sd3_with_their_lora(models, preset, tmp_path):
+    """The SD3.5-M recipes of DiffusionNFT and AWM, at their LoRA (rank 32, alpha 64: scale 2), CFG-free sampling
+    and solver, shrunk to the tiny SD3: an iteration trains the adapters and the export loads."""
+    prompts = tmp_path / "train.txt"
+    prompts.write_text("a red circle\nblue square on the right\n")
+    small = {"model": str(models["sd3"]), "family_options": OPTIONS["sd3"], "height": IMAGE_SIZE, "width": IMAGE_SIZE,
+             "prompts": str(prompts), "eval_prompts": str(prompts), "reward": "brightness", "out": str(tmp_path / "r"),
+             "iterations": 1, "prompts_per_iter": 2, "group_size": 2, "micro_batch": 2, "num_steps": 4,
+             "eval_num_steps": 2, "eval_images_per_prompt": 1, "log_with": "", "precision": "fp32"}
+    summary = train(make_config(preset, overrides=small))
+    assert summary["iterations"] == 1
+    weights = load_file(tmp_path / "r" / "final" / "pytorch_lora_weights.safetensors")
+    assert weights and any(float(w.abs().max()) > 0 for k, w in weights.items() if "lora_B" in k)
+    lora = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (lora["lora_rank"], lora["lora_alpha"]) == (32, 64)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from flowgrpo.assets import SHAPES_MODEL
-from flowgrpo.config import ConfigError, TrainConfig
+from flowgrpo.config import ConfigError, TrainConfig, make_config
 from flowgrpo.core import AdvantageResult
 from flowgrpo.policies.ema import ramp_decay
 from flowgrpo.policies.flow import FlowPolicy
@@ -182,3 +182,20 @@ def test_forward_strategies_train_and_resume_exactly(tmp_path, strategy, solver)
     assert lagged.keys() == {f"lagged.{k}" for k in live}
     assert any(not torch.equal(lagged[f"lagged.{k}"], live[k]) for k in live)  # it lags...
     assert all(torch.allclose(lagged[f"lagged.{k}"], live[k], atol=1e-4) for k in live)  # ...by little, so early
+
+
+def test_the_sd35_presets_are_the_references_recipes():
+    """Spot values of each recipe (the preset's comments name the reference file of every value)."""
+    nft = make_config("sd35-medium-nft", overrides={"model": "m"})
+    assert (nft.strategy, nft.num_steps, nft.guidance, nft.group_size, nft.prompts_per_iter) == \
+        ("diffusion_nft", 10, 1.0, 24, 48)
+    assert (nft.lora_rank, nft.lora_alpha, nft.beta, nft.ema_decay) == (32, 64, 1e-4, 0.9)
+    o = nft.strategy_options
+    assert (o.beta, o.adv_clip_max, o.time_fraction, o.ode_solver, o.lag_cap) == (1.0, 5.0, 0.99, "dpm2", 0.5)
+    awm = make_config("sd35-medium-awm", overrides={"model": "m", "awm.ema_warmup": "500"})
+    assert (awm.strategy, awm.num_steps, awm.group_size, awm.adv_clip, awm.advantage_options) == \
+        ("awm", 14, 16, 1.0, {"scale": "batch"})
+    o = awm.strategy_options
+    assert (o.weighting, o.train_levels, o.time_range, o.ema_cap, o.ema_warmup) == ("ghuber", 6, 0.9, 0.3, 500)
+    with pytest.raises(ConfigError, match="lora_alpha"):
+        TrainConfig(strategy="awm", judge="", lora_alpha=8.0)
