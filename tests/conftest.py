@@ -17,3 +17,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real benchmark data not found at {SHARED_DATA} (only present on the developers' machines)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A one-layer Shapes flow pipeline built from config (seeded), shared by the strategy tests."""
+    from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-shapes")
+    build_pipeline(TransformerSpec(num_layers=1, attention_head_dim=8, num_attention_heads=2), seed=0).save_pretrained(path)
+    return path

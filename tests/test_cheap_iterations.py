@@ -8,19 +8,11 @@ import torch
 
 from flowgrpo.config import TrainConfig
 from flowgrpo.policies.flow import FlowPolicy
-from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.strategies import FlowStrategy
 from tests.helpers import flow_trainer, make_plan, strategy_of
 
 PROMPTS = load_split("train")[:3]  # Shapes entries (GenEval metadata for the verifier reward)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-shapes")
-    build_pipeline(TransformerSpec(num_layers=1, attention_head_dim=8, num_attention_heads=2), seed=0).save_pretrained(path)
-    return path
 
 
 def _cfg(model, tmp_path, **kw):

@@ -10,7 +10,6 @@ from flowgrpo.config import ConfigError, TrainConfig, make_config
 from flowgrpo.core import AdvantageResult
 from flowgrpo.policies.ema import ramp_decay
 from flowgrpo.policies.flow import FlowPolicy
-from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.strategies.awm import matching_log_prob
 from flowgrpo.strategies.diffusion_nft import nft_loss, optimality
@@ -20,13 +19,6 @@ from flowgrpo.update import ppo_update
 from tests.helpers import flow_trainer, make_plan, single, strategy_of
 
 PROMPTS = load_split("train")[:3]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-shapes")
-    build_pipeline(TransformerSpec(num_layers=1, attention_head_dim=8, num_attention_heads=2), seed=0).save_pretrained(path)
-    return path
 
 
 def _cfg(model, tmp_path, strategy, options=None, **kw):

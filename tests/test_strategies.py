@@ -10,7 +10,6 @@ from flowgrpo.config import ConfigError, TrainConfig
 from flowgrpo.media import to_uint8
 from flowgrpo.policies.families import dpm_flow_sigmas
 from flowgrpo.policies.flow import FlowPolicy
-from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.rewards import build_reward
 from flowgrpo.samplers.rollout import sample_trajectory
@@ -20,13 +19,6 @@ from flowgrpo.strategies.mixgrpo import compressed_tail
 from tests.helpers import flow_trainer, make_plan
 
 PROMPTS = load_split("train")[:3]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-shapes")
-    build_pipeline(TransformerSpec(num_layers=1, attention_head_dim=8, num_attention_heads=2), seed=0).save_pretrained(path)
-    return path
 
 
 def _cfg(model, tmp_path, strategy_options=None, **kw):
