@@ -80,6 +80,8 @@ class TrainConfig(GRPOSettings):
     eval_every: int = opt(80, "evaluate (and write an image grid) every n iterations")
     eval_num_steps: int = opt(20, "Euler steps of evaluation sampling")
     eval_images_per_prompt: int = opt(4, "images per evaluation prompt (300 Shapes test entries x 4: stderr ~1.2 points)")
+    eval_guidance: float = opt(0.0, "also evaluate the base and the trained model at this CFG scale beside --guidance "
+                                    "(1 = CFG-free, as DiffusionNFT trains for), both in the report; 0 = only --guidance")
     log_with: str = opt("tensorboard", "accelerate tracker (tensorboard, wandb, ...); '' = none")
 
     def __post_init__(self) -> None:
@@ -103,6 +105,8 @@ class TrainConfig(GRPOSettings):
             self._check_mdm()
         if self.sde_steps > self.num_steps:
             raise ConfigError(f"sde_steps={self.sde_steps} must be in [0, num_steps={self.num_steps}]")
+        if self.eval_guidance < 0:
+            raise ConfigError(f"eval_guidance must be >= 0 (0 = none), got {self.eval_guidance}")
         if self.lora_alpha < 0 or (self.lora_alpha and not self.lora_rank):
             raise ConfigError(f"lora_alpha={self.lora_alpha} needs lora_rank > 0 and must be >= 0")
         if self.trainable and self.lora_rank:
@@ -170,6 +174,8 @@ class TrainConfig(GRPOSettings):
             unsupported["precision"] = self.precision
         if self.sharding != "ddp":
             unsupported["sharding"] = self.sharding
+        if self.eval_guidance:  # it samples with its own schedule's guidance
+            unsupported["eval_guidance"] = self.eval_guidance
         if unsupported:
             raise ConfigError(f"{unsupported} are not supported for masked diffusion models ({self.model}): they train "
                               "the whole transformer in fp32")

@@ -126,11 +126,12 @@ class Evaluation:
         ema, module = self.trainer.ema, self.trainer.task.policy.trainable_module()
         return ema.applied(module) if ema is not None else contextlib.nullcontext()
 
-    def run(self, name: str) -> EvalResult:
+    def run(self, name: str, evaluator: Evaluator | None = None, history: str = "eval") -> EvalResult:
+        """Evaluate the current weights with the run's evaluator (or ``evaluator``), kept in ``history``."""
         trainer, policy = self.trainer, self.trainer.task.policy
         with self.weights(), policy.precision(None):
-            result = self.evaluator.run(policy, trainer.dist)
-        trainer.state.history["eval"].append({"iteration": trainer.state.iteration, **result.summary()})
+            result = (evaluator or self.evaluator).run(policy, trainer.dist)
+        trainer.state.history.setdefault(history, []).append({"iteration": trainer.state.iteration, **result.summary()})
         if trainer.dist.is_main:
             result.write(self.out / "eval" / name, name)
             trainer.task.report(self.out)
@@ -165,12 +166,13 @@ class Evaluation:
             return img.convert("RGB")
 
 
-def make_evaluator(cfg: TrainConfig, entries: list[dict], reward_fn, kind: str) -> Evaluator:
-    """The run's evaluator: GenEval accuracy for GenEval metadata, else the training reward's mean; a masked
-    diffusion model samples with its own (learned) schedule."""
+def make_evaluator(cfg: TrainConfig, entries: list[dict], reward_fn, kind: str,
+                   guidance: float | None = None) -> Evaluator:
+    """The run's evaluator: GenEval accuracy for GenEval metadata, else the training reward's mean, at CFG
+    ``guidance`` (default the run's); a masked diffusion model samples with its own (learned) schedule."""
     own_schedule = kind == "mdm"
     sampling = ImageSampling(cfg.eval_images_per_prompt, None if own_schedule else cfg.eval_num_steps,
-                             None if own_schedule else cfg.guidance, cfg.seed)
+                             None if own_schedule else guidance or cfg.guidance, cfg.seed)
     return image_evaluator(entries, reward_fn, sampling)
 
 
@@ -194,10 +196,18 @@ def train(cfg: TrainConfig) -> dict:
     trainer.resume()
     evaluator = make_evaluator(cfg, eval_entries, scoring.reward_fn, trainer.task.kind)
     evaluation = Evaluation(trainer, evaluator, out, cfg.eval_every)
+    # the base and the final model also at --eval-guidance (e.g. CFG-free), kept in history["eval_guidance"]
+    other = cfg.eval_guidance and make_evaluator(cfg, eval_entries, scoring.reward_fn, trainer.task.kind,
+                                                 cfg.eval_guidance)
+    at_other = f"cfg{cfg.eval_guidance:g}"
     if not trainer.state.history["eval"]:
         base = evaluation.run("base")
         if dist.is_main:
             tqdm.write(f"base model: {base.line()}\n{evaluator.table({'base': base.summary()}, brief=True)}")
+        if other:
+            base = evaluation.run(f"base-{at_other}", other, "eval_guidance")
+            if dist.is_main:
+                tqdm.write(f"base model at CFG {cfg.eval_guidance:g}: {base.line()}")
 
     # ---- iterate
     trainer.fit(lambda it: draw_prompts(train_entries, cfg, it), iterations=cfg.iterations,
@@ -206,6 +216,8 @@ def train(cfg: TrainConfig) -> dict:
     # ---- finish: a last evaluation, the checkpoint, the exported model, base vs trained
     if trainer.state.history["eval"][-1]["iteration"] != trainer.state.iteration:
         evaluation.report(evaluation.run(f"iter{trainer.state.iteration:05d}"))
+    if other and trainer.state.history.get("eval_guidance", [{}])[-1].get("iteration") != trainer.state.iteration:
+        evaluation.run(f"iter{trainer.state.iteration:05d}-{at_other}", other, "eval_guidance")
     trainer.save()
     with evaluation.weights():
         whole = policy.whole_state_dict()  # gathered on every process when the weights are sharded
@@ -223,8 +235,16 @@ def finish(trainer: Trainer, evaluator: Evaluator, out: Path) -> dict:
                "train_minutes": state.train_seconds / 60, "processes": trainer.dist.world_size, "out": str(out)}
     if not trainer.dist.is_main:
         return summary
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     records = {"base": base, f"trained ({state.iteration} it)": last}
+    if len(state.history.get("eval_guidance", [])) >= 2:  # the same models at --eval-guidance
+        cfg_base, cfg_last = state.history["eval_guidance"][0], state.history["eval_guidance"][-1]
+        summary |= {"guidance": trainer.cfg.guidance, "eval_guidance": trainer.cfg.eval_guidance,
+                    "base_at_eval_guidance": cfg_base, "trained_at_eval_guidance": cfg_last}
+        g = f"CFG {trainer.cfg.eval_guidance:g}"
+        records = {f"base (CFG {trainer.cfg.guidance:g})": base, f"base ({g})": cfg_base,
+                   f"trained ({state.iteration} it, CFG {trainer.cfg.guidance:g})": last,
+                   f"trained ({state.iteration} it, {g})": cfg_last}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "report.md").write_text(evaluator.table(records))
     print(f"\n{evaluator.table(records, brief=True)}\n{evaluator.change(base, last)} after "
           f"{state.train_seconds / 60:.1f} min of training")

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 from flowgrpo.checkpoint import read_training
 from flowgrpo.config import ConfigError, TrainConfig
-from flowgrpo.pretrain.model import TransformerSpec, build_pipeline
 from flowgrpo.prompts.shapes import load_split
 from flowgrpo.rewards import Reward, register_reward
 from flowgrpo.rewards.server import make_server
@@ -26,13 +25,6 @@ from flowgrpo.trainer import UnscorableError
 # Shapes entries sorted into categories of a user's own, T2I-CompBench style
 CATEGORIES = {"single_object": "objects", "two_object": "objects", "counting": "numeracy", "colors": "attributes",
               "color_attr": "attributes", "position": "spatial"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-shapes")
-    build_pipeline(TransformerSpec(num_layers=1, attention_head_dim=8, num_attention_heads=2), seed=0).save_pretrained(path)
-    return path
 
 
 def _recategorised(path, entries):

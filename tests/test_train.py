@@ -23,13 +23,6 @@ from tests.helpers import flow_trainer, make_plan, one_update, strategy_of
 PROMPTS = ["a photo of a red circle", "a photo of two squares"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-shapes")
-    build_pipeline(TransformerSpec(num_layers=1, attention_head_dim=8, num_attention_heads=2), seed=0).save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def eval_file(tmp_path):
     p = tmp_path / "eval.jsonl"
@@ -489,3 +482,20 @@ def test_tensorboard_gets_the_metrics_every_evaluations_grid_and_the_curve(tiny_
     assert [e.step for e in events.Images("eval/curve")] == [1, 2]
     assert {"reward_mean", "eval/overall"} <= set(events.Tags()["scalars"])
     assert (out / "eval" / "curve.png").is_file() and (out / "eval" / "iter00002" / "grid.png").is_file()
+
+
+def test_eval_guidance_reports_the_base_and_trained_models_at_both_scales(tiny_model, tmp_path, eval_file):
+    """--eval-guidance 1 evaluates the base and the final model CFG-free beside --guidance 4.5: the same images a run
+    at --guidance 1 evaluates (same noise), both in the summary, the report and the grids."""
+    both = train(_cfg(tiny_model, tmp_path / "both", eval_file, 1, guidance=4.5, eval_guidance=1.0))
+    free = train(_cfg(tiny_model, tmp_path / "free", eval_file, 1, guidance=1.0))
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (NaN == NaN)
+    assert same(both["base_at_eval_guidance"], free["base"])  # every score, guard and image statistic
+    grid = lambda run, name: (tmp_path / run / "eval" / name / "grid.png").read_bytes()  # noqa: E731
+    assert grid("both", "base-cfg1") == grid("free", "base") != grid("both", "base")  # CFG changes the images
+    assert (both["guidance"], both["eval_guidance"], both["trained_at_eval_guidance"]["iteration"]) == (4.5, 1.0, 1)
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "| base (CFG 1) |" in report and "| trained (1 it, CFG 4.5) |" in report
+    assert (tmp_path / "both" / "eval" / "iter00001-cfg1" / "grid.png").is_file()
+    with pytest.raises(ConfigError, match="eval_guidance"):
+        TrainConfig(eval_guidance=-1.0)
