@@ -191,3 +191,17 @@ def test_the_sd35_presets_are_the_references_recipes():
     assert (o.weighting, o.train_levels, o.time_range, o.ema_cap, o.ema_warmup) == ("ghuber", 6, 0.9, 0.3, 500)
     with pytest.raises(ConfigError, match="lora_alpha"):
         TrainConfig(strategy="awm", judge="", lora_alpha=8.0)
+
+
+def test_a_checkpoint_without_the_lagged_copy_is_refused_clearly(tiny_model, tmp_path):
+    """A forward strategy resumes only with its lagged copy; an SDE strategy refuses tensors it does not keep."""
+    trainer = flow_trainer(_cfg(tiny_model, tmp_path, "diffusion_nft", {"time_fraction": 0.5}))
+    with pytest.raises(ValueError, match=r"ckpt: its strategy tensors are not diffusion_nft's lagged copy .* "
+                                         r"missing"):
+        trainer.task.load_tensors({}, "ckpt")
+    with pytest.raises(ValueError, match="unexpected"):
+        trainer.task.load_tensors({**trainer.task.tensors(), "lagged.extra": torch.zeros(1)}, "ckpt")
+    trainer.task.load_tensors(trainer.task.tensors(), "ckpt")  # its own copy loads
+    sde = flow_trainer(_cfg(tiny_model, tmp_path / "sde", "flow_grpo"))
+    with pytest.raises(ValueError, match="strategy flow_grpo does not keep"):
+        sde.task.load_tensors(trainer.task.tensors(), "ckpt")

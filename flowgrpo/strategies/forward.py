@@ -172,6 +172,12 @@ class ForwardStrategy(Strategy):
 
     def load_tensors(self, tensors: dict[str, Tensor], where: str) -> None:
         lagged = {n.removeprefix("lagged."): t for n, t in tensors.items()}
+        expected = set(self.lagged_copy().shadow)
+        if set(lagged) != expected:
+            missing, extra = sorted(expected - set(lagged)), sorted(set(lagged) - expected)
+            raise ValueError(f"{where}: its strategy tensors are not {self.name}'s lagged copy of the trainable "
+                             f"parameters ({len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. "
+                             f"{extra[:2]})")
         self.lagged_copy().load(lagged, updates=self.lag_updates, where=where)
 
 
