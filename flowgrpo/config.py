@@ -73,6 +73,8 @@ class TrainConfig(GRPOSettings):
     antithetic: bool = opt(False, "members 2j and 2j+1 of a group take opposite SDE noise (variance reduction)")
     noise_freqs: int = opt(0, "k > 0: SDE noise only in the k x k lowest DCT frequencies of each latent channel "
                               "(the layout), deterministic elsewhere; 0 = white noise")
+    grpo_guard: bool = opt(False, "GRPO-Guard: normalise each SDE step's PPO ratio (remove its negative bias and its "
+                                  "1/std scale), against the over-optimisation coupled training shows (SDE strategies)")
     ema_decay: float = opt(0.0, "evaluate and export a moving average of the weights (per iteration); 0 = live weights")
     # budget and evaluation
     iterations: int = opt(300, "iterations (rollout + update): the training budget")

@@ -12,7 +12,9 @@ number of ranks).
 Forward-process strategies (DiffusionNFT) train an objective of their own in place of PPO-clip: their elements
 give ``loss(rollout, chunk, advantages)`` (the per-element loss and the KL's input) and the update weighs, reduces and
 steps it exactly as it does the PPO-clip loss. Elements may add a ``penalty(rollout, chunk, kl_in)`` per element
-(AWM's proximal term to a lagged copy of the weights).
+(AWM's proximal term to a lagged copy of the weights). With ``batch.ratio_norm`` (GRPO-Guard) the PPO ratio of a
+Gaussian step is normalised: its elements give ``mean_shift(rollout, chunk, kl_in)``, the squared shift of the step
+mean from the sampler's and the step's std.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from flowgrpo.core import loss_weights, ppo_clip_loss
+from flowgrpo.core import loss_weights, normalised_log_ratio, ppo_clip_loss
 from flowgrpo.distributed import Dist
 from flowgrpo.policies.chunks import UpdateBatch
 from flowgrpo.settings import BatchLayout, GRPOSettings
@@ -79,7 +81,12 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
                                 ((logp.detach() - batch.sampled_logp[rows, cols]).abs() * active).max().cpu()))
                             if batch.recompute_old:
                                 old[rows, cols] = logp.detach()
-                        elem, st = ppo_clip_loss(logp, old[rows, cols], adv, cfg.clip_low, cfg.clip_high, mask=active)
+                        log_ratio = None
+                        if batch.ratio_norm:
+                            log_ratio = normalised_log_ratio(logp, old[rows, cols], *elements.mean_shift(
+                                batch.rollout, chunk, kl_in))
+                        elem, st = ppo_clip_loss(logp, old[rows, cols], adv, cfg.clip_low, cfg.clip_high, mask=active,
+                                                 log_ratio=log_ratio)
                     if penalty is not None:
                         elem = elem + penalty(batch.rollout, chunk, kl_in)
                     w = w_step[rows - o * rps, cols]

@@ -50,6 +50,7 @@ def sample_branched(
     noise_level: float = 0.7,
     noise_freqs: int = 0,
     call_size: int,
+    keep_means: bool = False,
 ) -> BranchedTrajectory:
     """Sample the member rows of P groups that branch once each.
 
@@ -63,6 +64,7 @@ def sample_branched(
         member_group: ``[B]`` the group (0..P-1) of each member row.
         noise: per-member keyed SDE noise (B rows).
         call_size: groups per exact call (the policy's micro-batch): the update repeats the calls chunk by chunk.
+        keep_means: also return each member's branch-step mean (``Trajectory.means``, 0 at its ODE steps).
     """
     check_sigmas(sigmas)
     p, t_total, b = x_groups.shape[0], sigmas.numel() - 1, member_group.shape[0]
@@ -83,6 +85,8 @@ def sample_branched(
     latents = torch.empty((b, t_total + 1, *x_groups.shape[1:]), dtype=x_groups.dtype, device=x_groups.device)
     latents[:, 0] = x_groups[member_group]
     log_probs = torch.zeros(b, t_total, device=x_groups.device)
+    means = torch.zeros((b, t_total, *x_groups.shape[1:]), dtype=torch.float32, device=x_groups.device) \
+        if keep_means else None
     branch_dev = branch.to(x_groups.device)
     calls: list[tuple[int, Tensor]] = []
     for t in range(t_total):
@@ -111,10 +115,12 @@ def sample_branched(
                                          noise=eps, noise_freqs=noise_freqs)
             x[rows_of] = x_next.to(x.dtype)
             log_probs[rows_of, t] = gaussian_log_prob(x_next, mean, std, noise_freqs)
+            if means is not None:
+                means[rows_of, t] = mean.float()
         # record every member's state after step t: shared rows for groups still on their path
         on_path = branch_dev[member_group] > t
         latents[:, t + 1] = torch.where(on_path.view(-1, *([1] * (x.ndim - 1))), shared[member_group], x)
     return BranchedTrajectory(latents=latents, log_probs=log_probs,
                               sde_mask=torch.nn.functional.one_hot(branch[member_group.cpu()].cpu(), t_total).bool(),
                               sigmas=sigmas.clone(), kind=kind, noise_level=float(noise_level),
-                              noise_freqs=noise_freqs, branch_calls=calls)
+                              noise_freqs=noise_freqs, means=means, branch_calls=calls)

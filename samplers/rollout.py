@@ -31,6 +31,8 @@ class Trajectory:
         kind: SDE kind (key of ``SDE_STEPS``) used at the SDE steps.
         noise_level: the SDE noise level used.
         noise_freqs: k > 0 when the SDE noise lived in the k x k lowest DCT frequencies (``steps.band_project``).
+        means: ``[B, T, ...]`` the mean of each SDE transition (0 at ODE steps), kept on request: GRPO-Guard
+            compares the trained policy's step mean with the sampler's.
     """
 
     latents: Tensor
@@ -40,6 +42,7 @@ class Trajectory:
     kind: str
     noise_level: float | Tensor  # one level, or [T] per step
     noise_freqs: int = 0
+    means: Tensor | None = None
 
     @property
     def sigma_max(self) -> float:
@@ -68,6 +71,7 @@ def sample_trajectory(
     noise_freqs: int = 0,
     exact_velocity_fn: VelocityFn | None = None,
     ode_solver: str = "euler",
+    keep_means: bool = False,
 ) -> Trajectory:
     """Integrate from ``x_init`` (at ``sigmas[0]``) to ``sigmas[-1] = 0``, stochastic where ``sde_mask``.
 
@@ -95,6 +99,7 @@ def sample_trajectory(
         ode_solver: ``euler``, or ``dpm2``: the deterministic steps after the last stochastic one take
             DPM-Solver++(2M) steps (``dpm2_step``, with the x0 predictions of the steps before as history), as
             MixGRPO-Flash integrates the rest of its schedule.
+        keep_means: also return the mean of every SDE transition (``Trajectory.means``).
 
     Raises ValueError if a requested SDE step is deterministic (std 0: noise level 0, or CPS's step to
     sigma 0); leave such steps out of ``sde_mask``.
@@ -137,6 +142,8 @@ def sample_trajectory(
     sigmas_dev = sigmas.to(x_init.device)
     x = x_init
     latents, log_probs = [x_init], []
+    means = torch.zeros((batch, num_steps, *x_init.shape[1:]), dtype=torch.float32, device=x_init.device) \
+        if keep_means else None
     prev_x0 = prev_sigma = None  # the multistep solver's history
     for i, is_sde in enumerate(stochastic):
         sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
@@ -151,6 +158,8 @@ def sample_trajectory(
                                         antithetic=antithetic and eps is None, noise_freqs=noise_freqs)
             log_prob = gaussian_log_prob(x_sde, mean, std, noise_freqs)
             here = rows_sde[:, i]
+            if means is not None:
+                means[here, i] = mean[here].float()
             if bool(here.all()):
                 x_next = x_sde
             else:
@@ -178,6 +187,7 @@ def sample_trajectory(
         kind=kind,
         noise_level=noise_level.detach().cpu().float() if torch.is_tensor(noise_level) else float(noise_level),
         noise_freqs=noise_freqs,
+        means=means,
     )
 
 

@@ -13,7 +13,7 @@ from flowgrpo.core.advantages import (
 )
 from flowgrpo.core.aggregate import AGGREGATIONS, loss_weights
 from flowgrpo.core.estimators import winrate_from_preferences
-from flowgrpo.core.loss import gaussian_mean_kl, k3_kl, ppo_clip_loss
+from flowgrpo.core.loss import gaussian_mean_kl, k3_kl, normalised_log_ratio, ppo_clip_loss
 from flowgrpo.core.tracked_estimators import bnpo_beta_params
 from flowgrpo.core.tracker import PromptStats, PromptStatTracker
 
@@ -30,6 +30,7 @@ __all__ = [
     "gaussian_mean_kl",
     "k3_kl",
     "loss_weights",
+    "normalised_log_ratio",
     "ppo_clip_loss",
     "winrate_from_preferences",
 ]

@@ -8,14 +8,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ppo_clip_loss", "gaussian_mean_kl", "k3_kl"]
+__all__ = ["ppo_clip_loss", "normalised_log_ratio", "gaussian_mean_kl", "k3_kl"]
 
 
 def ppo_clip_loss(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float, eps_high: float,
-    mask: Tensor | None = None,
+    mask: Tensor | None = None, log_ratio: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO-clip: loss = max(-A·r, -A·clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp - old_logp).
+    """PPO-clip: loss = max(-A·r, -A·clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp - old_logp), or
+    r = exp(log_ratio) when a corrected log-ratio is given (GRPO-Guard's ``normalised_log_ratio``).
 
     logp, old_logp: [B, T] (old_logp is treated as a constant); advantages: [B] (broadcast over
     T) or [B, T]. Returns (loss_elem[B, T], stats) where stats are detached 0-dim tensors
@@ -31,7 +32,9 @@ def ppo_clip_loss(
         raise ValueError(f"advantages must be [B] or [B, T] for logp {tuple(logp.shape)}, got {tuple(advantages.shape)}")
     if not (0 <= eps_low < 1 and eps_high >= 0):
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
-    ratio = torch.exp(logp - old_logp.detach())
+    if log_ratio is not None and log_ratio.shape != logp.shape:
+        raise ValueError(f"log_ratio must be shaped like logp {tuple(logp.shape)}, got {tuple(log_ratio.shape)}")
+    ratio = torch.exp(logp - old_logp.detach() if log_ratio is None else log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - eps_low, 1 + eps_high)
     loss = torch.maximum(unclipped, clipped)
@@ -50,6 +53,18 @@ def ppo_clip_loss(
             "ratio_max": nan if empty else r.max(),
         }
     return loss, stats
+
+
+def normalised_log_ratio(logp: Tensor, old_logp: Tensor, mean_shift_sq: Tensor, std: Tensor) -> Tensor:
+    """GRPO-Guard's ratio normalisation (Wang et al., 2025, arXiv 2510.22319) of a Gaussian step's log-ratio.
+
+    With x = mu_old + s eps sampled, log-probs averaged over the D coordinates, and d = mu - mu_old, the log-ratio
+    is mean(d eps) / s - mean(d^2) / (2 s^2): its second term biases every ratio below 1, most at the low-noise
+    steps where s is small, and its spread scales with 1 / s. The normalised log-ratio removes the bias and the scale:
+    (logp - old_logp) s + mean(d^2) / (2 s) = mean(d eps), the form Flow-Factory's GRPOGuardTrainer computes.
+    All arguments are per element ([B, T]); ``mean_shift_sq`` = mean(d^2), ``std`` = s. 0 when mu = mu_old.
+    """
+    return (logp - old_logp.detach()) * std + mean_shift_sq / (2 * std)
 
 
 def _per_sample_std(std: Tensor | float, like: Tensor) -> Tensor | float:

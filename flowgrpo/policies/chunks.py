@@ -42,3 +42,5 @@ class UpdateBatch:
     recompute_old: bool = False
     # what evaluates the trained elements (chunks, log_prob, reference_out, kl); None = the policy itself
     elements: Any = None
+    # GRPO-Guard: the PPO ratio from `normalised_log_ratio`, with the elements' ``mean_shift`` (Gaussian steps)
+    ratio_norm: bool = False

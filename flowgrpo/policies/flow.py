@@ -31,7 +31,7 @@ from flowgrpo.policies.families import Cond, Family, family_for
 from flowgrpo.policies.state import load_trainable, trainable_state_dict
 from flowgrpo.samplers.noise import KeyedNoise
 from flowgrpo.samplers.rollout import sample_trajectory
-from flowgrpo.samplers.steps import gaussian_log_prob, transition_mean_std
+from flowgrpo.samplers.steps import band_project, gaussian_log_prob, transition_mean_std
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -73,6 +73,7 @@ class Rollout:
     noise_freqs: int = 0  # > 0: the SDE noise lived in the lowest noise_freqs x noise_freqs DCT frequencies
     guidance: float = 1.0  # the CFG scale sampling used (training recomputes with it)
     train_steps: Tensor | None = None  # [B, S] the steps each row trains on (chosen by the rollout strategy)
+    means: Tensor | None = None  # [B, T, ...] the sampler's SDE step means, kept for GRPO-Guard
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -320,15 +321,18 @@ class FlowPolicy:
     def rollout(self, prompts: list[str], metadata: list[dict], group_ids: Tensor, x_init: Tensor, *,
                 sigmas: Tensor, sde_mask: Tensor, guidance: float, kind: str, noise_level: float,
                 noise: KeyedNoise | None = None, generator: torch.Generator | None = None, antithetic: bool = False,
-                noise_freqs: int = 0, ode_solver: str = "euler") -> Rollout:
-        """Sample trajectories from ``x_init``; SDE noise from per-row ``noise`` (training) or one ``generator``."""
+                noise_freqs: int = 0, ode_solver: str = "euler", keep_means: bool = False) -> Rollout:
+        """Sample trajectories from ``x_init``; SDE noise from per-row ``noise`` (training) or one ``generator``;
+        ``keep_means``: the rollout keeps the sampler's SDE step means (GRPO-Guard)."""
         cond = self.cond(prompts)
         traj = sample_trajectory(self.velocity_fn(cond, guidance, exact=False), x_init.to(self.device), sigmas,
                                  sde_mask=sde_mask, kind=kind, noise_level=noise_level, generator=generator,
                                  noise=noise, antithetic=antithetic, noise_freqs=noise_freqs,
-                                 exact_velocity_fn=self.velocity_fn(cond, guidance), ode_solver=ode_solver)
+                                 exact_velocity_fn=self.velocity_fn(cond, guidance), ode_solver=ode_solver,
+                                 keep_means=keep_means)
         return Rollout(prompts, metadata, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
-                       kind, traj.noise_level, self.decode(traj.latents[:, -1]), noise_freqs, guidance)
+                       kind, traj.noise_level, self.decode(traj.latents[:, -1]), noise_freqs, guidance,
+                       means=traj.means)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -374,6 +378,18 @@ class FlowPolicy:
         """log-probs [n, 1] of the chunk's trained steps (with gradient), and (mean, std) for the KL."""
         logp, mean, std = self.step_log_prob(ro, chunk.rows, ro.train_steps[chunk.rows, chunk.cols.start])
         return logp[:, None], (mean, std)
+
+    def mean_shift(self, ro: Rollout, chunk: Chunk, kl_in: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """GRPO-Guard's terms of the chunk's elements, [n, 1] each: the mean over the step's stochastic coordinates
+        of (mean - the sampler's mean)^2, and the step's std (``kl_in``: the trained (mean, std))."""
+        mean, std = kl_in
+        if ro.means is None:
+            raise ValueError("GRPO-Guard needs the sampler's step means: roll out with keep_means=True")
+        diff = mean.float() - ro.means[chunk.rows, ro.train_steps[chunk.rows, chunk.cols.start]].to(mean.device)
+        if ro.noise_freqs:
+            diff = band_project(diff, ro.noise_freqs)
+        s = torch.as_tensor(std, dtype=diff.dtype, device=diff.device).expand_as(mean).flatten(1)[:, :1]
+        return diff.pow(2).flatten(1).mean(dim=1, keepdim=True), s
 
     def reference_out(self, ro: Rollout, chunk: Chunk) -> Tensor:
         """The reference policy's step mean for the same elements (no gradient)."""

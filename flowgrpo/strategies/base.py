@@ -56,6 +56,7 @@ class Sampling:
     antithetic: bool = False  # members 2j and 2j + 1 take opposite SDE noise
     noise_freqs: int = 0  # > 0: SDE noise in the k x k lowest DCT frequencies only
     schedule_jitter: int = 0  # > 0: each iteration's schedule at a random offset on the m x finer grid
+    grpo_guard: bool = False  # normalised PPO ratios of the SDE steps (the rollouts keep their step means)
 
 
 @dataclass(frozen=True)
@@ -168,13 +169,14 @@ class FlowStrategy(Strategy):
                                  initial_noise(s, plan, self.policy.latent_shape()), sigmas=sigmas,
                                  sde_mask=mask[idx] if mask.ndim == 2 else mask, guidance=s.guidance, kind=s.sde_kind,
                                  noise_level=self.noise_level(len(sigmas) - 1), noise=sde_noise(s, plan),
-                                 noise_freqs=s.noise_freqs, ode_solver=self.ode_solver)
+                                 noise_freqs=s.noise_freqs, ode_solver=self.ode_solver, keep_means=s.grpo_guard)
         ro.train_steps = self.train_steps(ro.sde_mask.expand(len(ro), len(sigmas) - 1), plan)
         return ro
 
     def update_batch(self, ro, adv: AdvantageResult) -> UpdateBatch:
         s = ro.train_steps.shape[1]
-        return UpdateBatch(ro, torch.ones(len(ro), s), adv.advantages, adv.valid, ro.trained_log_probs(), max_len=s)
+        return UpdateBatch(ro, torch.ones(len(ro), s), adv.advantages, adv.valid, ro.trained_log_probs(), max_len=s,
+                           ratio_norm=self.sampling.grpo_guard)
 
     def schedule(self, plan) -> Tensor:
         """The iteration's sigmas: the model's grid, or (schedule jitter) the fine grid at a shared random offset."""

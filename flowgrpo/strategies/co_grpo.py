@@ -41,6 +41,8 @@ class CoGRPO(Strategy):
 
     @classmethod
     def check(cls, options: CoGRPOOptions, sampling: Sampling, run: RunContext) -> None:
+        if sampling.grpo_guard:
+            raise ValueError("grpo_guard normalises the ratios of Gaussian SDE steps; co_grpo's steps are token draws")
         if options.mode not in MODES:
             raise ValueError(f"co_grpo.mode {options.mode!r} is not one of {MODES}")
         if options.schedule_lr <= 0 or options.schedule_std < 0:

@@ -107,6 +107,9 @@ class ForwardStrategy(Strategy):
     def check(cls, options, sampling: Sampling, run) -> None:
         if options.ode_solver not in ODE_SOLVERS:
             raise ValueError(f"{cls.name}.ode_solver {options.ode_solver!r} is not one of {ODE_SOLVERS}")
+        if sampling.grpo_guard:
+            raise ValueError(f"grpo_guard normalises the ratios of SDE steps; {cls.name} trains the forward process "
+                             "and has no ratio")
 
     def __init__(self, policy, options, sampling: Sampling, scoring):
         super().__init__(policy, options, sampling, scoring)

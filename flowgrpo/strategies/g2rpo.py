@@ -108,6 +108,9 @@ class BranchElements:
     def kl(self, kl_in, ref_mean: Tensor) -> Tensor:
         return self.policy.kl(kl_in, ref_mean)
 
+    def mean_shift(self, ro: BranchedRollout, chunk: Chunk, kl_in) -> tuple[Tensor, Tensor]:
+        return self.policy.mean_shift(ro, chunk, kl_in)  # a member trains its branch step, train_steps[:, 0]
+
 
 class G2RPO(FlowStrategy):
     """G²RPO singular stochastic sampling: each group shares its ODE path up to one branch step (random in the
@@ -152,10 +155,10 @@ class G2RPO(FlowStrategy):
         traj = sample_branched(policy.velocity_fn(cond, s.guidance, exact=False), policy.velocity_fn(cond, s.guidance),
                                x_groups.to(policy.device), self.schedule(plan), self.branch_steps(plan)[groups],
                                member_group, noise=sde_noise(s, plan), kind=s.sde_kind, noise_level=s.noise_level,
-                               noise_freqs=s.noise_freqs, call_size=policy.micro_batch)
+                               noise_freqs=s.noise_freqs, call_size=policy.micro_batch, keep_means=s.grpo_guard)
         ro = BranchedRollout(prompts, rows, group_ids, traj.latents, traj.log_probs, traj.sde_mask, traj.sigmas,
                              s.sde_kind, s.noise_level, policy.decode(traj.latents[:, -1]), s.noise_freqs, s.guidance,
-                             branch_calls=traj.branch_calls, member_group=member_group)
+                             means=traj.means, branch_calls=traj.branch_calls, member_group=member_group)
         ro.train_steps = self.train_steps(ro.sde_mask, plan)
         return ro
 
