@@ -68,15 +68,17 @@ def keep_detections(dets: list[Detection], tag: str, *, max_objects: int = MAX_O
     floor = min_score(tag)
     kept: list[int] = []
     for cls in dict.fromkeys(d.shape for d in dets):
-        # Stable sort: equal confidences keep the detector's order.
-        ranked = sorted((i for i, d in enumerate(dets) if d.shape == cls and d.iou > floor),
-                        key=lambda i: -dets[i].iou)[:max_objects]
+        # GenEval's order, np.argsort(scores)[::-1] (evaluate_images.py): of equal confidences the later
+        # detection comes first, and the colour and position of a count-n item are read on those it puts first.
+        of_class = [i for i, d in enumerate(dets) if d.shape == cls]
+        order = np.argsort(np.array([dets[i].iou for i in of_class]))[::-1]
+        ranked = [of_class[k] for k in order if dets[of_class[k]].iou > floor][:max_objects]
         while ranked:
             best = ranked.pop(0)
             kept.append(best)
             if max_overlap < 1:
                 ranked = [i for i in ranked if box_iou(dets[best].box, dets[i].box) < max_overlap]
-    return sorted(kept, key=lambda i: -dets[i].iou)
+    return sorted(kept, key=lambda i: -dets[i].iou)  # stable: each class keeps its order
 
 
 def asked_colours(dets: list[Detection], entry: dict) -> list[int]:

@@ -81,6 +81,20 @@ def test_counting_uses_the_0_9_threshold_for_every_class_and_the_exclusion():
     assert len(keep_detections([det("dog", 0.5 + i / 100) for i in range(20)], "colors")) == 16  # at most 16 a class
 
 
+def test_equal_confidences_put_the_later_detection_first_as_genevals_reversed_argsort():
+    scores = [0.8, 0.5, 0.8, 0.8]
+    assert np.argsort(np.array(scores))[::-1].tolist() == [3, 2, 0, 1]  # the reference's own ordering
+    dogs = [det("dog", s) for s in scores]
+    assert keep_detections(dogs, "colors") == [3, 2, 0, 1]
+    red_car = entry("colors", {"class": "car", "count": 1, "color": "red"})
+    cars = [Detection("car", "red", (0, 0, 9, 9), 100, 0.7), Detection("car", "blue", (20, 0, 29, 9), 100, 0.7)]
+    kept = [cars[i] for i in keep_detections(cars, "colors")]
+    # the colour is read on the later of the two equally confident cars: blue, so the verdict fails
+    assert kept[0].color == "blue" and not judge(kept, red_car).passed
+    swapped = cars[::-1]
+    assert judge([swapped[i] for i in keep_detections(swapped, "colors")], red_car).passed
+
+
 def test_counting_overlap_rule_is_off_by_default_as_in_geneval():
     # GenEval's box IoU counts pixels inclusively: (0,0,9,9) covers 10 x 10 = 100, the overlap (5,0,9,9) 50.
     a, b = (0, 0, 9, 9), (5, 0, 14, 9)
