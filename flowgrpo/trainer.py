@@ -118,17 +118,18 @@ class Trainer:
                     self.layout, self.dist)
 
     def estimate(self, plan: Plan, rewards: Tensor, *, name: str | None = None, prompt_keys: list[str] | None = None,
-                 **opts) -> AdvantageResult:
+                 clip: bool = True, **opts) -> AdvantageResult:
         """Advantages of this process's rows from the rewards of ALL rows (every process computes the same global
         advantages and tracker update, and keeps its own rows). ``rewards`` [b] or [b, K] are local; ``prompt_keys``
-        and per-sample ``opts`` (e.g. strata) describe the global batch."""
+        and per-sample ``opts`` (e.g. strata) describe the global batch; ``clip=False`` leaves them unclipped (for a
+        sum clipped once)."""
         cfg, name = self.cfg, name or self.cfg.advantage
         everyone = plan.gather(rewards.to(torch.float64))
         opts = {**cfg.advantage_options, **opts}
         if name in TRACKED_ESTIMATORS:
             opts.update(tracker=self.state.tracker, prompt_keys=prompt_keys)
-        res = compute_advantages(name, everyone, plan.group_ids, adv_clip=cfg.adv_clip or None, zero_std=cfg.zero_std,
-                                 **opts)
+        res = compute_advantages(name, everyone, plan.group_ids, adv_clip=(cfg.adv_clip or None) if clip else None,
+                                 zero_std=cfg.zero_std, **opts)
         return AdvantageResult(res.advantages[plan.indices].float(), res.valid[plan.indices], res.stats)
 
     def step(self, prompt_rows: Sequence[dict]) -> dict[str, float]:

@@ -207,7 +207,8 @@ def test_group_noise():
 
 
 def test_coarse_tail_hand_computed():
-    """σ = 1, 0.9, …, 0 (10 steps): σ[:k+2] ++ σ[k+2::λ] after a branch at step k, always ending at 0."""
+    """σ = 1, 0.9, …, 0 (10 steps): σ[k+1] ++ σ[k+2::λ] after a branch at step k, its last point set to 0 when
+    the λ grid misses 0 (the reference's jump to 0 from the point before)."""
     s = torch.linspace(1, 0, 11, dtype=torch.float64)
 
     def tail(k, lam):
@@ -215,8 +216,10 @@ def test_coarse_tail_hand_computed():
 
     assert tail(0, 1) == [round(v, 6) for v in s[1:].tolist()]
     assert tail(0, 2) == [0.9, 0.8, 0.6, 0.4, 0.2, 0.0]
-    assert tail(0, 3) == [0.9, 0.8, 0.5, 0.2, 0.0]  # 0 is not on the λ grid: kept as the last sigma
-    assert tail(2, 3) == [0.7, 0.6, 0.3, 0.0]
+    assert tail(0, 3) == [0.9, 0.8, 0.5, 0.0]  # σ[2::3] = 0.8, 0.5, 0.2: 0.5 jumps to 0
+    assert tail(1, 2) == [0.8, 0.7, 0.5, 0.3, 0.0]  # σ[3::2] ends at 0.1
+    assert tail(2, 3) == [0.7, 0.6, 0.3, 0.0]  # σ[4::3] = 0.6, 0.3, 0: on the grid
+    assert tail(7, 3) == [0.2, 0.0]  # σ[9::3] = 0.1 only
     assert tail(8, 3) == [0.1, 0.0]
     assert tail(9, 2) == [0.0]  # a branch at the last step is already finished
     for bad in (-1, 10, 1.0, True):

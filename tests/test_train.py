@@ -156,11 +156,19 @@ def test_multi_granularity_advantages_sum_each_granularity(tiny_model, tmp_path)
     ro = _g2rpo_rollout(policy, cfg, seed=6)
     plan = make_plan([{"prompt": p} for p in PROMPTS], 4, iteration=6)
     adv = task.advantages(ro, reward_fn(ro.images, None, None), plan, trainer)
-    a1 = compute_advantages("grpo", reward_fn(ro.images, None, None), ro.group_ids, adv_clip=cfg.adv_clip)
-    a2 = compute_advantages("grpo", reward_fn(finish_coarse(policy, ro, 2), None, None), ro.group_ids,
-                            adv_clip=cfg.adv_clip)
-    assert torch.allclose(adv.advantages, a1.advantages + a2.advantages, atol=1e-6)
+    a1 = compute_advantages("grpo", reward_fn(ro.images, None, None), ro.group_ids)
+    a2 = compute_advantages("grpo", reward_fn(finish_coarse(policy, ro, 2), None, None), ro.group_ids)
+    total = a1.advantages + a2.advantages
+    assert torch.allclose(adv.advantages, total.clamp(-cfg.adv_clip, cfg.adv_clip), atol=1e-6)
     assert "reward_granularity2" in adv.stats
+    # the sum is clipped once, as G²RPO's code clamps it: at a clip of 1.5 some sums exceed it, no single term does
+    trainer.cfg = replace(cfg, adv_clip=1.5)
+    clipped = task.advantages(ro, reward_fn(ro.images, None, None), plan, trainer)
+    assert torch.allclose(clipped.advantages, total.clamp(-1.5, 1.5), atol=1e-6)
+    assert float(total.abs().max()) > 1.5 and float(clipped.advantages.abs().max()) == pytest.approx(1.5)
+    each = a1.advantages.clamp(-1.5, 1.5) + a2.advantages.clamp(-1.5, 1.5)  # clipping each term, then the sum
+    assert float(each.abs().max()) > 1.5 + 1e-3
+    assert clipped.stats["frac_clipped"] == pytest.approx(float((total.abs() > 1.5).double().mean()))
     with pytest.raises(ConfigError, match=r"--g2rpo.granularities \(an option of strategy g2rpo\): this run's strategy "
                                           "is flow_grpo"):
         make_config(overrides={"strategy": "flow_grpo", "g2rpo.granularities": 2})

@@ -37,9 +37,10 @@ class BranchedRollout(Rollout):
 
 def coarse_tail(sigmas: Tensor, branch_step: int, granularity: int) -> Tensor:
     """The ODE schedule that finishes a branch taken at ``branch_step`` = k, from σ[k+1] over every
-    ``granularity``-th later sigma: ``σ[k+1], σ[k+2], σ[k+2+λ], …, 0`` (σ[:k+2] ++ σ[k+2::λ] after the branch,
-    with the final 0 kept so the sample is finished). Granularity 1 is the sampling schedule; a branch at the last
-    step leaves ``[0.]``, nothing to integrate.
+    ``granularity``-th later sigma: ``σ[k+1], σ[k+2], σ[k+2+λ], …, 0`` (σ[k+1] ++ σ[k+2::λ]). When σ[k+2::λ] does
+    not end at 0, its last point becomes 0: the step before it goes to 0 directly, as G²RPO's code (bcmi/Granular-GRPO,
+    train_g2rpo_hps.py) finishes a coarse branch, not one more short step. Granularity 1 is the sampling schedule; a
+    branch at the last step leaves ``[0.]``, nothing to integrate.
     """
     check_sigmas(sigmas)
     check_int("granularity", granularity)
@@ -47,7 +48,8 @@ def coarse_tail(sigmas: Tensor, branch_step: int, granularity: int) -> Tensor:
     if isinstance(branch_step, bool) or not isinstance(branch_step, int) or not 0 <= branch_step < num_steps:
         raise ValueError(f"branch_step must be an int in [0, {num_steps}), got {branch_step!r}")
     tail = sigmas[branch_step + 1 :]
-    keep = torch.cat([tail[:1], tail[1::granularity], tail[-1:]])
+    keep = torch.cat([tail[:1], tail[1::granularity]])
+    keep[-1] = 0.0
     return torch.unique_consecutive(keep)
 
 
@@ -164,16 +166,25 @@ class G2RPO(FlowStrategy):
 
     def advantages(self, ro, rewards: Tensor, plan, trainer) -> AdvantageResult:
         """The sampled images' advantages plus (multi-granularity) those of the same branches finished on each
-        coarser ODE schedule, summed; a row is valid only if it is valid at every granularity."""
-        adv = super().advantages(ro, rewards, plan, trainer)
+        coarser ODE schedule: the unclipped sum, clipped once at adv_clip as G²RPO's code clamps it; a row is valid
+        only if it is valid at every granularity."""
+        if self.options.granularities == 1:
+            return super().advantages(ro, rewards, plan, trainer)
+        adv = self.scoring.advantages(ro.images, rewards, plan, trainer, clip=False)
         total, valid, stats = adv.advantages.clone(), adv.valid.clone(), dict(adv.stats)
         for lam in range(2, self.options.granularities + 1):
             coarse = replace(ro, images=finish_coarse(self.policy, ro, lam))
             r = self.score(coarse, plan)
-            a = super().advantages(coarse, r, plan, trainer)
+            a = self.scoring.advantages(coarse.images, r, plan, trainer, clip=False)
             total, valid = total + a.advantages, valid & a.valid
             stats[f"reward_granularity{lam}"] = float(plan.gather(r.double()).nanmean())
-        return AdvantageResult(torch.where(valid, total, torch.zeros_like(total)), valid, stats)
+        total = torch.where(valid, total, torch.zeros_like(total))
+        c = trainer.cfg.adv_clip
+        if c:
+            everyone, kept = plan.gather(total.double()), plan.gather(valid.double()) > 0
+            stats["frac_clipped"] = float((everyone.abs() > c)[kept].double().mean()) if bool(kept.any()) else 0.0
+            total = total.clamp(-c, c)
+        return AdvantageResult(total, valid, stats)
 
     def update_batch(self, ro: BranchedRollout, adv: AdvantageResult) -> UpdateBatch:
         return replace(super().update_batch(ro, adv), elements=BranchElements(self.policy))

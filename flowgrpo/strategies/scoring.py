@@ -33,12 +33,12 @@ def group_winrates(judge: PairwiseJudge, images: torch.Tensor, plan) -> torch.Te
 
 
 def pref_advantages(judge: PairwiseJudge, images: torch.Tensor, plan, settings, pointwise: AdvantageResult | None = None,
-                    pointwise_weight: float = 0.0) -> AdvantageResult:
-    """`winrate` advantages of this process's rows from its ``images`` [b, 3, H, W] (clipped and zero-spread groups
-    handled as the trainer's ``settings`` say); with ``pointwise`` advantages and ``pointwise_weight`` w > 0:
-    (1 - w) A_winrate + w A_pointwise."""
+                    pointwise_weight: float = 0.0, clip: bool = True) -> AdvantageResult:
+    """`winrate` advantages of this process's rows from its ``images`` [b, 3, H, W] (clipped, unless ``clip`` is
+    False, and zero-spread groups handled as the trainer's ``settings`` say); with ``pointwise`` advantages and
+    ``pointwise_weight`` w > 0: (1 - w) A_winrate + w A_pointwise."""
     wins = group_winrates(judge, plan.gather(to_pixels(images)), plan)
-    adv = compute_advantages("winrate", wins, plan.group_ids, adv_clip=settings.adv_clip or None,
+    adv = compute_advantages("winrate", wins, plan.group_ids, adv_clip=(settings.adv_clip or None) if clip else None,
                              zero_std=settings.zero_std)
     a, v = adv.advantages[plan.indices].float(), adv.valid[plan.indices]
     stats = {**adv.stats, "winrate_std": float(wins.std())}
@@ -62,17 +62,17 @@ class ImageScoring:
     def score(self, ro, plan) -> torch.Tensor:
         return self.reward_fn(ro.images, ro.prompts, ro.metadata)
 
-    def advantages(self, images: torch.Tensor, rewards: torch.Tensor, plan, trainer) -> AdvantageResult:
+    def advantages(self, images: torch.Tensor, rewards: torch.Tensor, plan, trainer, clip: bool = True) -> AdvantageResult:
         """Advantages of one set of images: Pref-GRPO win rates when a judge is set (mixed with the pointwise
-        estimator's when pointwise_weight > 0), else the pointwise estimator's. The `stratified` estimator's strata
-        are the prompts' tags."""
+        estimator's when pointwise_weight > 0), else the pointwise estimator's; clipped at the run's adv_clip unless
+        ``clip`` is False. The `stratified` estimator's strata are the prompts' tags."""
         settings, pointwise = trainer.cfg, None
         if self.judge is None or self.pointwise_weight > 0:
             opts = {"strata": tag_strata(plan.rows)} if settings.advantage == "stratified" else {}
-            pointwise = trainer.estimate(plan, rewards, prompt_keys=[r["prompt"] for r in plan.rows], **opts)
+            pointwise = trainer.estimate(plan, rewards, prompt_keys=[r["prompt"] for r in plan.rows], clip=clip, **opts)
         if self.judge is None:
             return pointwise
-        return pref_advantages(self.judge, images, plan, settings, pointwise, self.pointwise_weight)
+        return pref_advantages(self.judge, images, plan, settings, pointwise, self.pointwise_weight, clip=clip)
 
     def value(self, ro, plan, rewards: torch.Tensor | None = None) -> torch.Tensor:
         """What an image is worth, [b]: its reward (``rewards`` when already scored), or with a pairwise judge its
