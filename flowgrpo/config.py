@@ -281,7 +281,7 @@ MOVED = {
     "calibrate_iterations": ("dense_grpo", "calibrate_iterations"),
     "calibrate_balance": ("dense_grpo", "calibrate_balance"), "calibrate_step": ("dense_grpo", "calibrate_step"),
     "co_mode": ("co_grpo", "mode"), "schedule_lr": ("co_grpo", "schedule_lr"),
-    "schedule_std": ("co_grpo", "schedule_std"), "train_steps": ("dance_grpo", "train_steps"),
+    "schedule_std": ("co_grpo", "schedule_std"), "train_steps": ("co_grpo", "model_steps"),
 }
 
 
@@ -307,8 +307,6 @@ def _gather_strategy_options(values: dict) -> dict:
             per.setdefault(strategy, {})[option] = values.pop(key)
         elif key in MOVED:
             strategy, option = MOVED[key]
-            if key == "train_steps" and name == "co_grpo":
-                strategy, option = "co_grpo", "model_steps"
             warnings.warn(f"{flag(key)} ({key}) is now {flag(strategy + '.' + option)} ({strategy}: {{{option}: ...}} "
                           "in YAML); the old name is read for one more release", FutureWarning, stacklevel=3)
             per.setdefault(strategy, {})[option] = values.pop(key)
@@ -336,6 +334,7 @@ def make_config(preset: str = "shapes", yaml_path: str | None = None, overrides:
         _merge(values, loaded)
     _merge(values, overrides or {})
     values = _gather_strategy_options(values)
+    _strategy_defaults(values)
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory()) for f in fields(TrainConfig)}
     unknown = sorted(set(values) - set(defaults))
     if unknown:
@@ -344,6 +343,18 @@ def make_config(preset: str = "shapes", yaml_path: str | None = None, overrides:
     if not cfg.model:
         raise ConfigError(f"preset {preset!r} needs --model PATH: a local diffusers pipeline directory")
     return cfg
+
+
+def _strategy_defaults(values: dict) -> None:
+    """A strategy's own values of the run's settings (its paper's SDE step, noise, advantage std), where the preset,
+    the YAML and the command line give none."""
+    cls = STRATEGIES.get(values.get("strategy") or "")
+    if cls is None:
+        return
+    for key, value in getattr(cls, "run_defaults", {}).items():
+        values.setdefault(key, value)
+    if values.get("advantage", "grpo") == "grpo" and "advantage_options" not in values:
+        values["advantage_options"] = dict(getattr(cls, "grpo_defaults", {}))
 
 
 def _merge(values: dict, later: dict) -> None:

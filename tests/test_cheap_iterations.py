@@ -23,7 +23,7 @@ def _cfg(model, tmp_path, **kw):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("strategy, extra", [
-    ("flow_grpo", {}), ("dance_grpo", {"strategy_options": {"train_steps": 2}}), ("g2rpo", {}),
+    ("flow_grpo", {}), ("dance_grpo", {"strategy_options": {"timestep_fraction": 0.5}}), ("g2rpo", {}),
     ("g2rpo", {"antithetic": True, "noise_freqs": 2, "strategy_options": {"granularities": 2}}),
     ("g2rpo", {"schedule_jitter": 2}), ("mixgrpo", {"strategy_options": {"window_shift_every": 1}}),
     ("mixgrpo", {"strategy_options": {"ode_solver": "dpm2", "ode_compress": 0.5}}),

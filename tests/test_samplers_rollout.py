@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -147,21 +148,22 @@ def test_sample_trajectory_bad_input(kwargs, match):
 
 
 def test_dance_train_steps():
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(dance_train_steps(6, 6, g), torch.arange(6))
-    draws = torch.stack([dance_train_steps(10, 3, g) for _ in range(4000)])
+    rng = np.random.default_rng(0)
+    candidates = torch.arange(10)
+    assert torch.equal(dance_train_steps(torch.arange(6), 6, rng), torch.arange(6))
+    draws = torch.stack([dance_train_steps(candidates, 3, rng) for _ in range(4000)])
     assert draws.dtype == torch.long and draws.shape == (4000, 3)
     assert (draws[:, 1:] > draws[:, :-1]).all()  # sorted, hence distinct
     assert draws.min() >= 0 and draws.max() <= 9
     # Every step is chosen with probability k / n = 0.3: counts ~ Binomial(4000, 0.3), sd ~ 29.
     counts = torch.bincount(draws.flatten(), minlength=10).double()
     assert ((counts - 1200).abs() < 5 * math.sqrt(4000 * 0.3 * 0.7)).all()
-    same = [dance_train_steps(10, 4, torch.Generator().manual_seed(3)) for _ in range(2)]
+    same = [dance_train_steps(candidates, 4, np.random.default_rng(3)) for _ in range(2)]
     assert torch.equal(*same)
-    with pytest.raises(ValueError, match="exceeds"):
-        dance_train_steps(4, 5, g)
-    with pytest.raises(ValueError, match="k must"):
-        dance_train_steps(4, 0, g)
+    assert set(dance_train_steps(torch.tensor([2, 5, 7]), 2, rng).tolist()) <= {2, 5, 7}
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="must be in"):
+            dance_train_steps(candidates, bad, rng)
 
 
 def _on(mask):

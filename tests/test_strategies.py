@@ -1,5 +1,6 @@
 """DenseGRPO's dense rewards and noise calibration, MixGRPO's sliding window and its second-order solver."""
 import json
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from flowgrpo.samplers.rollout import sample_trajectory
 from flowgrpo.samplers.steps import dpm2_step
 from flowgrpo.strategies.dense_grpo import calibrate_noise, complete, dense_rewards
 from flowgrpo.strategies.mixgrpo import compressed_tail
-from tests.helpers import flow_trainer, make_plan
+from tests.helpers import flow_trainer, make_plan, strategy_of
 
 PROMPTS = load_split("train")[:3]
 
@@ -178,3 +179,46 @@ def test_dpm2_steps_equal_diffusers_dpm_solver_plus_plus_2m():
     traj = sample_trajectory(velocity, torch.randn(2, 4, generator=torch.Generator().manual_seed(1)), sigmas,
                              sde_mask=torch.zeros(8, dtype=torch.bool), ode_solver="dpm2")
     assert torch.allclose(traj.latents[:, -1], x_theirs, atol=1e-5)
+
+
+# ---- DanceGRPO ----------------------------------------------------------------------------------------------------
+def test_dance_grpo_trains_each_sample_on_its_own_steps_never_the_last(tiny_model, tmp_path):
+    """As fastvideo/train_grpo_flux.py: n = T - 1 candidate steps (latents[:, :-1]), int(n · 0.6) per sample, drawn
+    per sample; keyed by the global row, so a process holding rows 4..7 draws what one process draws for them."""
+    from flowgrpo.settings import GRPOSettings
+    from flowgrpo.trainer import Plan
+    from tests.helpers import single
+
+    cfg = _cfg(tiny_model, tmp_path, strategy="dance_grpo", num_steps=6, sde_steps=0, sde_kind="dance_sde",
+               noise_level=0.3)
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4)
+    strategy = strategy_of(cfg, policy)
+    plan = make_plan(PROMPTS, 4, iteration=2)
+    mask = strategy.sde_mask(plan, 6).expand(12, 6)
+    steps = strategy.train_steps(mask, plan)
+    assert steps.shape == (12, 3) and int(steps.max()) < 5  # int(5 x 0.6) = 3 of steps 0..4, never step 5
+    assert len({tuple(r) for r in steps.tolist()}) > 1  # rows draw their own subsets
+    layout = GRPOSettings(prompts_per_iter=3, group_size=4, micro_batch=0).layout(3)
+    half = Plan(plan.iteration, plan.seed, plan.rows, plan.group_ids, layout.local_indices(1), layout, single())
+    assert torch.equal(strategy.train_steps(mask[4:8], half), steps[4:8])
+    ro = strategy.rollout(plan)
+    assert torch.equal(ro.train_steps, steps) and ro.kind == "dance_sde"
+    with pytest.raises(ConfigError, match="timestep_fraction must be in"):
+        _cfg(tiny_model, tmp_path, strategy="dance_grpo", strategy_options={"timestep_fraction": 0.0})
+
+
+def test_dance_grpo_defaults_to_its_own_step_noise_and_std_and_explicit_values_win():
+    from flowgrpo.config import make_config
+    from flowgrpo.core import compute_advantages
+
+    cfg = make_config("shapes", overrides={"strategy": "dance_grpo", "judge": ""})
+    assert (cfg.sde_kind, cfg.noise_level, cfg.advantage_options) == ("dance_sde", 0.3, {"unbiased": True, "eps": 1e-8})
+    mine = make_config("shapes", overrides={"strategy": "dance_grpo", "judge": "", "noise_level": 0.5,
+                                            "advantage_options": {"scale": "batch"}})
+    assert (mine.sde_kind, mine.noise_level, mine.advantage_options) == ("dance_sde", 0.5, {"scale": "batch"})
+    assert make_config("shapes", overrides={"strategy": "flow_grpo"}).sde_kind == "flow_sde"
+    assert make_config("shapes", overrides={"strategy": "dance_grpo", "advantage": "rloo"}).advantage_options == {}
+    # group_rewards.std() + 1e-8: rewards 1, 2, 3, 6 have mean 3 and unbiased std sqrt(14 / 3)
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+    adv = compute_advantages("grpo", r, torch.zeros(4, dtype=torch.long), **cfg.advantage_options).advantages
+    assert torch.allclose(adv, (r - 3) / (math.sqrt(14 / 3) + 1e-8), rtol=1e-12)

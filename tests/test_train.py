@@ -386,9 +386,9 @@ def test_config_validation_names_the_numbers(tmp_path):
     with pytest.raises(ConfigError, match=r"each of 3 process\(es\) holds 32 samples per optimizer step "
                                           r"\(optimizer_steps=1\), not a multiple of micro_batch=24"):
         cfg.layout(3)
-    with pytest.raises(ConfigError, match=r"--dance-grpo.train-steps \(an option of strategy dance_grpo\): this run's "
-                                          "strategy is g2rpo"):
-        make_config("shapes", overrides={"dance_grpo.train_steps": 2})
+    with pytest.raises(ConfigError, match=r"--dance-grpo.timestep-fraction \(an option of strategy dance_grpo\): this "
+                                          "run's strategy is g2rpo"):
+        make_config("shapes", overrides={"dance_grpo.timestep_fraction": 0.5})
     with pytest.raises(ConfigError, match="unknown option"):
         make_config("shapes", overrides={"learning_rate": 1})
     with pytest.raises(ConfigError, match="needs --model PATH"):
