@@ -37,7 +37,9 @@ from pathlib import Path
 STRATEGIES = {
     "flow_grpo": {"strategy": "flow_grpo", "sde_steps": 0, "noise_level": 0.7},  # Flow-GRPO: a = 0.7, every step
     "dance_grpo": {"strategy": "dance_grpo", "sde_steps": 0, "sde_kind": "dance_sde", "noise_level": 0.3},  # eta = 0.3
-    "mixgrpo": {"strategy": "mixgrpo", "sde_steps": 2},  # a window of 2 of 10 steps moving through the first 6
+    # a whole window of 2 of 10 steps moving through the first 6 (the first race's setting; the default now follows
+    # MixGRPO's code: steps before num_steps - 2, truncated at the end)
+    "mixgrpo": {"strategy": "mixgrpo", "sde_steps": 2, "mixgrpo.window_end": 6, "mixgrpo.whole_window": True},
     "g2rpo": {"strategy": "g2rpo"},  # the preset
     "dense_grpo": {"strategy": "dense_grpo"},  # SDE on the first 3 steps, a calibrated noise scale per step
     "g2rpo_guard": {"strategy": "g2rpo", "grpo_guard": True},  # the preset with GRPO-Guard's normalised ratio

@@ -170,25 +170,55 @@ def _on(mask):
     return mask.nonzero().flatten().tolist()
 
 
-def test_mixgrpo_window_slides_and_wraps():
+def _reference_windows(iterations: int, num_steps: int, window: int, shift_every: int, stride: int = 1):
+    """MixGRPO's GRPOTrainingStates (progressive, prog_overlap, roll_back; max_timesteps = num_steps - 2), as its
+    training loop calls it: get_current_timesteps() then update_iteration(), iteration by iteration."""
+    top, cur, it, out = num_steps - 2, 0, 0, []
+    for _ in range(iterations):
+        out.append(list(range(cur, min(cur + window, top))))
+        it += 1
+        if it >= shift_every:
+            it, cur = 0, cur + stride
+        if cur > top:
+            cur, it = 0, 0
+    return out
+
+
+def test_mixgrpo_window_follows_the_reference_positions_and_truncation():
+    # MixGRPO's FLUX recipe (finetune_flux_grpo_MixGRPO.sh): 25 steps, windows of 4 moving every 25 iterations
+    ours = [_on(mixgrpo_window(k, 25, 4, 25, end=23)) for k in range(401)]
+    assert ours == _reference_windows(401, 25, 4, 25)
+    # the end of a cycle: truncated to 3, 2, 1 steps; the reference's empty window (a shift interval that trains
+    # nothing) is skipped, so the roll-back comes one interval earlier
+    assert [_on(mixgrpo_window(k, 25, 4, 25, end=23)) for k in (475, 500, 525, 550)] == \
+        [[19, 20, 21, 22], [20, 21, 22], [21, 22], [22]]
+    reference = [w for w in _reference_windows(3 * 60, 8, 3, 3, stride=2) if w]
+    assert [_on(mixgrpo_window(k, 8, 3, 3, end=6, stride=2)) for k in range(len(reference))] == reference
+    assert _on(mixgrpo_window(9, 8, 3, 3, end=6, stride=2)) == [0, 1, 2]  # rolled back
+
+
+def test_mixgrpo_whole_window_slides_and_wraps():
     # 6 steps, window 2, moves every 3 iterations: starts 0,1,2,3,4 then wraps to 0.
-    assert mixgrpo_window(0, 6, 2, 3).tolist() == [True, True, False, False, False, False]
-    assert _on(mixgrpo_window(2, 6, 2, 3)) == [0, 1]
-    assert _on(mixgrpo_window(3, 6, 2, 3)) == [1, 2]
-    assert _on(mixgrpo_window(14, 6, 2, 3)) == [4, 5]
-    assert _on(mixgrpo_window(15, 6, 2, 3)) == [0, 1]
+    assert mixgrpo_window(0, 6, 2, 3, whole=True).tolist() == [True, True, False, False, False, False]
+    assert _on(mixgrpo_window(2, 6, 2, 3, whole=True)) == [0, 1]
+    assert _on(mixgrpo_window(3, 6, 2, 3, whole=True)) == [1, 2]
+    assert _on(mixgrpo_window(14, 6, 2, 3, whole=True)) == [4, 5]
+    assert _on(mixgrpo_window(15, 6, 2, 3, whole=True)) == [0, 1]
+    assert _on(mixgrpo_window(15, 6, 2, 3)) == [5]  # truncated instead
     # start=1, end=5: the window stays inside steps 1..4 -> starts 1, 2, 3 then back to 1.
-    assert [_on(mixgrpo_window(k, 6, 2, 1, start=1, end=5)) for k in range(4)] == [[1, 2], [2, 3], [3, 4], [1, 2]]
-    assert mixgrpo_window(7, 4, 4, 2).all()
+    assert [_on(mixgrpo_window(k, 6, 2, 1, start=1, end=5, whole=True)) for k in range(4)] == \
+        [[1, 2], [2, 3], [3, 4], [1, 2]]
+    assert mixgrpo_window(7, 4, 4, 2, whole=True).all()
     # stride 2 in the first 6 of 10 steps: windows at 0, 2, 4, then back to 0 (MixGRPO's roll-back)
-    assert [_on(mixgrpo_window(k, 10, 2, 5, end=6, stride=2)) for k in (0, 4, 5, 10, 14, 15)] == \
+    assert [_on(mixgrpo_window(k, 10, 2, 5, end=6, stride=2, whole=True)) for k in (0, 4, 5, 10, 14, 15)] == \
         [[0, 1], [0, 1], [2, 3], [4, 5], [4, 5], [0, 1]]
 
 
 @pytest.mark.parametrize(
     ("args", "kwargs"),
     [((-1, 6, 2, 3), {}), ((0, 6, 0, 3), {}), ((0, 6, 2, 0), {}), ((0, 6, 7, 1), {}),
-     ((0, 6, 2, 1), {"start": 5}), ((0, 6, 2, 1), {"end": 7}), ((0, 6, 2, 1), {"start": -1})],
+     ((0, 6, 2, 1), {"start": 6}), ((0, 6, 2, 1), {"start": 5, "whole": True}), ((0, 6, 2, 1), {"end": 7}),
+     ((0, 6, 2, 1), {"start": -1})],
 )
 def test_mixgrpo_window_bad_input(args, kwargs):
     with pytest.raises(ValueError):

@@ -117,17 +117,16 @@ def test_mixgrpo_window_slides_trains_its_steps_and_resumes_at_the_same_position
         plan = trainer.plan(PROMPTS)
         ro = trainer.task.rollout(plan)
         starts.append(int(ro.train_steps[0, 0]))
-        assert ro.sde_mask.tolist() == [starts[-1] <= t < starts[-1] + 2 for t in range(6)]
+        assert ro.sde_mask.tolist() == [starts[-1] <= t < min(starts[-1] + 2, 4) for t in range(6)]
         trainer.step(PROMPTS)
-    # every 2 iterations one step later, within the first 4 steps, then back to 0: 0, 0, 1, 1, 2, 2, 0, 0
+    # every 2 iterations one step later, its steps before step 4, truncated there, then back to 0
     assert starts == [0, 0, 1, 1] and [h["window_start"] for h in trainer.state.history["train"]] == [0, 0, 1, 1]
     trainer.save()
     again = flow_trainer(cfg)
     again.resume()
-    later = []
-    for _ in range(4):
-        later.append(again.step(PROMPTS)["window_start"])
-    assert later == [2.0, 2.0, 0.0, 0.0]
+    later = [again.step(PROMPTS) for _ in range(6)]
+    assert [m["window_start"] for m in later] == [2.0, 2.0, 3.0, 3.0, 0.0, 0.0]
+    assert [m["window_steps"] for m in later] == [2.0, 2.0, 1.0, 1.0, 2.0, 2.0]
 
 
 def test_mixgrpo_flash_schedule_and_solver_keep_the_ratio_and_compress_after_the_window(tiny_model, tmp_path):
@@ -136,20 +135,43 @@ def test_mixgrpo_flash_schedule_and_solver_keep_the_ratio_and_compress_after_the
     trainer = flow_trainer(cfg)
     plan = make_plan(PROMPTS, 4)
     ro = trainer.task.rollout(plan)
-    full = trainer.task.policy.sigmas(10)
-    assert torch.equal(ro.sigmas, compressed_tail(full, 2, 0.4))  # 8 steps after the window on 3
-    assert len(ro.sigmas) == 2 + 3 + 1
+    assert torch.equal(ro.sigmas, compressed_tail(trainer.task.policy.sigmas, 10, 2, 0.4))
+    assert len(ro.sigmas) == 2 + 2 + 1  # int((10 - 2 + 1) x 0.4) - 1 = 2 steps after the window
     m = trainer.step(PROMPTS)
     assert abs(m["ratio_min"] - 1) < 1e-5 and abs(m["ratio_max"] - 1) < 1e-5
 
 
-def test_compressed_tail_hand_computed():
-    s = torch.linspace(1, 0, 11)  # 1, 0.9, ..., 0
-    assert compressed_tail(s, 4, 0.4).tolist() == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.3, 0.0])
-    assert torch.equal(compressed_tail(s, 4, 1.0), s)
-    assert compressed_tail(s, 9, 0.1).tolist() == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+def _sd3_grid(shift: float):
+    def grid(n: int) -> torch.Tensor:
+        t = torch.linspace(1, 0, n + 1, dtype=torch.float64)
+        return shift * t / (1 + (shift - 1) * t)
+    return grid
+
+
+def test_compressed_tail_hand_computed_and_equal_to_the_references_rebuilt_schedule():
+    linear = _sd3_grid(1.0)  # 1, 0.9, ..., 0
+    # int((10 - 4 + 1) x 0.4) - 1 = 1 step from 0.6 to 0
+    assert compressed_tail(linear, 10, 4, 0.4).tolist() == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.0])
+    assert compressed_tail(linear, 10, 2, 0.5).tolist() == pytest.approx([1.0, 0.9, 0.8, 1.6 / 3, 0.8 / 3, 0.0])  # 3 steps
+    assert torch.allclose(compressed_tail(linear, 10, 4, 1.0), linear(10), atol=1e-12)  # r = 1: the grid itself
+    # fastvideo/utils/sampling_utils.py: num_post_steps = int(max((N - 1 - L) x r, 1)) points from the unshifted
+    # time of step L + 1 to 0, time-shifted (N = T + 1 sigmas, L = the last SDE step = end - 1)
+    grid, T, r = _sd3_grid(3.0), 25, 0.4
+    short = []
+    for end in range(1, T):
+        points = int(max((T + 1 - 1 - (end - 1)) * r, 1))
+        t_end = float(torch.linspace(1, 0, T + 1)[end])
+        post = torch.linspace(t_end, 0, points, dtype=torch.float64)
+        reference = torch.cat([grid(T)[:end], 3.0 * post / (1 + 2.0 * post)])
+        ours = compressed_tail(grid, T, end, r)
+        if points >= 2:
+            assert torch.allclose(ours, reference, atol=1e-6, rtol=0), end
+        else:  # the reference stops short of 0: one step finishes it here
+            short.append(end)
+            assert float(reference[-1]) > 0 and ours.tolist() == pytest.approx(grid(T)[: end + 1].tolist() + [0.0])
+    assert short == [22, 23, 24][: len(short)] and short  # the windows ending late (issue: step 21 or later)
     with pytest.raises(ValueError, match="fraction must be in"):
-        compressed_tail(s, 4, 0.0)
+        compressed_tail(linear, 10, 4, 0.0)
 
 
 def test_dpm2_steps_equal_diffusers_dpm_solver_plus_plus_2m():
