@@ -5,8 +5,9 @@ Pointwise (``vlm``): the judge rates image-vs-prompt on 0..``max_score``; the re
 failing are NaN and counted (``stats["failed_requests"]``).
 
 Pairwise (``vlm_pairwise``): an UnifiedReward-Think-style prompt asks for reasoning in <think> and a verdict
-"Image 1 is better" / "Image 2 is better" in <answer>. Image 1 is ``images_a[i]``. Ties, unreadable verdicts and
-failed requests count as 0.5 (no preference) and are counted separately.
+"Image 1 is better" / "Image 2 is better" in <answer>, read as Pref-GRPO's code reads it (`parse_verdict`).
+Image 1 is ``images_a[i]``. Ties, unreadable verdicts and failed requests count as 0.5 (no preference) and are
+counted separately.
 """
 from __future__ import annotations
 
@@ -66,11 +67,26 @@ def parse_score(text: str, max_score: float) -> float | None:
     return value if 0 <= value <= max_score else None
 
 
-def parse_verdict(text: str) -> float | None:
-    """1.0 if Image 1 wins, 0.0 if Image 2 wins, 0.5 for a stated tie, None if unreadable.
+VERDICT_RULES = ("reference", "strict")
+_FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
-    Only the <answer> block counts when present; without one the whole text must name a single winner.
+
+def parse_verdict(text: str, rule: str = "reference") -> float | None:
+    """1.0 if Image 1 wins, 0.0 if Image 2 wins, 0.5 for a tie, None if unreadable.
+
+    ``reference`` (Pref-GRPO's UnifiedReward-Think parsing, fastvideo/rewards/unifiedreward_think.py): the first
+    <answer> block, stripped; "Image 1 is better" in it wins, else "Image 2 is better", else a tie; exact case; no
+    <answer> block is unreadable (the reference counts it 0.5, as the judge does). ``strict``: case-insensitive,
+    the <answer> block or else the whole text, which must name a single winner; a stated tie in <answer> is 0.5.
     """
+    if rule == "reference":
+        block = _FIRST_ANSWER.search(text)
+        if block is None:
+            return None
+        answer = block.group(1).strip()
+        return 1.0 if "Image 1 is better" in answer else 0.0 if "Image 2 is better" in answer else 0.5
+    if rule != "strict":
+        raise ValueError(f"verdict rule must be one of {VERDICT_RULES}, got {rule!r}")
     block = _ANSWER.search(text)
     region = block.group(1) if block else text
     winners = {m.group(1) for m in _IMAGE_BETTER.finditer(region)}
@@ -126,15 +142,19 @@ class VlmScore(Reward):
 
 
 class VlmPairwiseJudge(PairwiseJudge):
-    """Pairwise VLM judge; ``both_orders`` also asks with the images swapped and averages (cancels position bias)."""
+    """Pairwise VLM judge; ``both_orders`` also asks with the images swapped and averages (cancels position bias);
+    ``verdict_rule``: how an answer is read (`parse_verdict`: Pref-GRPO's own rule by default, or strict)."""
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, template: str = PAIRWISE_TEMPLATE,
                  both_orders: bool = False, concurrency: int = 8, timeout: float = 120.0, retries: int = 3,
                  backoff: float = 1.0, max_tokens: int = 2048, temperature: float = 0.0,
-                 name: str = "vlm_pairwise") -> None:
+                 verdict_rule: str = "reference", name: str = "vlm_pairwise") -> None:
         super().__init__()
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if verdict_rule not in VERDICT_RULES:
+            raise ValueError(f"verdict_rule must be one of {VERDICT_RULES}, got {verdict_rule!r}")
+        self.verdict_rule = verdict_rule
         if "{prompt}" not in template:
             raise ValueError("template must contain a {prompt} placeholder")
         self.client = _chat_client(base_url, model, api_key, timeout, retries, backoff, max_tokens, temperature)
@@ -149,7 +169,7 @@ class VlmPairwiseJudge(PairwiseJudge):
             self.count("failed_requests")
             logger.warning("judge %s: request failed, pair counted as 0.5: %s", self.name, exc)
             return 0.5
-        verdict = parse_verdict(answer)
+        verdict = parse_verdict(answer, self.verdict_rule)
         if verdict is None:
             self.count("unparseable")
             logger.warning("judge %s: no verdict in answer %r, pair counted as 0.5", self.name, answer[-200:])

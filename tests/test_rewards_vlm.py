@@ -4,6 +4,7 @@ The stand-in prefers brighter images and answers in the formats real judges use 
 <think>/<answer> blocks, UnifiedReward's 'Image 1 is better'), plus malformed answers chosen by a tag in
 the caption.
 """
+import functools
 import base64
 import io
 import json
@@ -122,11 +123,34 @@ def test_parse_score_and_verdict_hand_cases():
     assert parse_score("score = 3\nfinal Score: 9", 10) == 9  # the last one counts
     assert parse_score("<think>Score: 2</think><answer>6</answer>", 10) == 6
     assert parse_score("Score: 11", 10) is None and parse_score("no number", 10) is None
-    assert parse_verdict("<think>Image 2 is better at colour</think><answer>Image 1 is better</answer>") == 1.0
-    assert parse_verdict("Image 2 is better.") == 0.0
-    assert parse_verdict("<answer>The two are equal</answer>") == 0.5
-    assert parse_verdict("Image 1 is better here, Image 2 is better there") is None
-    assert parse_verdict("<answer>hard to say</answer>") is None
+    strict = functools.partial(parse_verdict, rule="strict")
+    assert strict("<think>Image 2 is better at colour</think><answer>Image 1 is better</answer>") == 1.0
+    assert strict("Image 2 is better.") == 0.0
+    assert strict("<answer>The two are equal</answer>") == 0.5
+    assert strict("Image 1 is better here, Image 2 is better there") is None
+    assert strict("<answer>hard to say</answer>") is None
+    with pytest.raises(ValueError, match="verdict rule"):
+        parse_verdict("x", rule="loose")
+
+
+# UnifiedReward-style replies and Pref-GRPO's verdict for each (_pairwise_win_rate: _extract_answer, then
+# `better_1 in answer`, `elif better_2 in answer`, else 0.5; no answer block: 0.5), against the strict rule
+REPLY_SHAPES = [
+    ("<think>Image 2 is better at colour</think><answer>Image 1 is better</answer>", 1.0, 1.0),  # tagged
+    ("<think>...</think>\n<answer> Image 2 is better </answer>", 0.0, 0.0),  # tagged, padded
+    ("<answer>image 1 is better</answer>", 0.5, 1.0),  # mixed case: not the reference's phrase
+    ("<answer>Image 1 is better. Image 2 is better in detail.</answer>", 1.0, None),  # both: the first check wins
+    ("Image 1 is better", None, 1.0),  # untagged: the reference has no answer, a tie
+    ("<answer>They are equal</answer>", 0.5, 0.5),
+    ("<answer>Image 2 is better</answer><answer>Image 1 is better</answer>", 0.0, 0.0),  # the first block
+    ("<answer>hard to say</answer>", 0.5, None),
+]
+
+
+@pytest.mark.parametrize("reply, reference, strict", REPLY_SHAPES)
+def test_verdicts_of_unifiedreward_style_replies(reply, reference, strict):
+    assert parse_verdict(reply) == reference
+    assert parse_verdict(reply, rule="strict") == strict
 
 
 def test_vlm_pointwise_scores_from_real_answers(judge):
@@ -148,12 +172,14 @@ def test_vlm_pairwise_judge_prefers_what_the_judge_says(judge):
     vj = build_judge("vlm_pairwise", base_url=judge.base_url, model="judge-7b", concurrency=4, retries=0)
     a, b = flat([0.9, 0.1, 0.6]), flat([0.3, 0.7, 0.2])
     assert vj.prefer("three cats mode=think", a, b).tolist() == [1.0, 0.0, 1.0]
-    assert vj.prefer("mode=plain", a, b).tolist() == [1.0, 0.0, 1.0]
+    assert vj.prefer("mode=plain", a, b).tolist() == [0.5, 0.5, 0.5]  # Pref-GRPO's rule reads <answer> only
     assert vj.prefer("mode=tie", a, b).tolist() == [0.5, 0.5, 0.5]
     assert vj.prefer("mode=garbled", a, b).tolist() == [0.5, 0.5, 0.5]
     assert vj.prefer("mode=error500", a[:1], b[:1]).tolist() == [0.5]
-    assert vj.stats["ties"] == 3 and vj.stats["unparseable"] == 3 and vj.stats["failed_requests"] == 1
+    assert vj.stats["ties"] == 3 and vj.stats["unparseable"] == 6 and vj.stats["failed_requests"] == 1
     assert vj.stats["pairs"] == 13
+    strict = build_judge("vlm_pairwise", base_url=judge.base_url, model="judge-7b", retries=0, verdict_rule="strict")
+    assert strict.prefer("mode=plain", a, b).tolist() == [1.0, 0.0, 1.0]
     text = judge.requests[0]["messages"][0]["content"][2]["text"]
     assert "'Image 1 is better' or 'Image 2 is better'" in text and "Caption: [three cats mode=think]" in text
     assert [p["type"] for p in judge.requests[0]["messages"][0]["content"]] == ["image_url", "image_url", "text"]
