@@ -73,6 +73,9 @@ class TrainConfig(GRPOSettings):
     antithetic: bool = opt(False, "members 2j and 2j+1 of a group take opposite SDE noise (variance reduction)")
     noise_freqs: int = opt(0, "k > 0: SDE noise only in the k x k lowest DCT frequencies of each latent channel "
                               "(the layout), deterministic elsewhere; 0 = white noise")
+    kl_convention: str = opt("exact", "the KL of an SDE step: exact = |mu - mu_ref|^2 / 2 std^2 with the step's std "
+                                      "(sigma_t sqrt(dt)); flow_grpo = flow_grpo's |mu - mu_ref|^2 / 2 sigma_t^2, the "
+                                      "exact one times dt, so a Flow-GRPO recipe's beta means what it meant there")
     grpo_guard: bool = opt(False, "GRPO-Guard: normalise each SDE step's PPO ratio (remove its negative bias and its "
                                   "1/std scale), against the over-optimisation coupled training shows (SDE strategies)")
     ema_decay: float = opt(0.0, "evaluate and export a moving average of the weights (per iteration); 0 = live weights")
@@ -102,6 +105,8 @@ class TrainConfig(GRPOSettings):
             raise ConfigError(f"sde_kind {self.sde_kind!r} is not one of {SDE_KINDS}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.kl_convention not in KL_CONVENTIONS:
+            raise ConfigError(f"kl_convention {self.kl_convention!r} is not one of {KL_CONVENTIONS}")
         self._check_strategy()
         if is_mdm(self.model):
             self._check_mdm()
@@ -165,7 +170,7 @@ class TrainConfig(GRPOSettings):
         object.__setattr__(self, "strategy", name)
         object.__setattr__(self, "strategy_options", options)
         try:
-            cls.check(options, self.sampling, RunContext(self.advantage, self.judge, self.sharding))
+            cls.check(options, self.sampling, RunContext(self.advantage, self.judge, self.sharding, self.kl_convention))
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
@@ -274,6 +279,7 @@ def _coerce(name: str, value, default):
 # Options that were flat before each strategy owned its own: old name -> (strategy, option). The old names are read,
 # with a warning, for one more release. `train_steps` was DanceGRPO's trained steps, or a masked diffusion model's
 # Co-GRPO model steps.
+KL_CONVENTIONS = ("exact", "flow_grpo")
 MOVED = {
     "window_shift_every": ("mixgrpo", "window_shift_every"), "window_stride": ("mixgrpo", "window_stride"),
     "window_end": ("mixgrpo", "window_end"), "ode_solver": ("mixgrpo", "ode_solver"),

@@ -14,7 +14,8 @@ give ``loss(rollout, chunk, advantages)`` (the per-element loss and the KL's inp
 steps it exactly as it does the PPO-clip loss. Elements may add a ``penalty(rollout, chunk, kl_in)`` per element
 (AWM's proximal term to a lagged copy of the weights). With ``batch.ratio_norm`` (GRPO-Guard) the PPO ratio of a
 Gaussian step is normalised: its elements give ``mean_shift(rollout, chunk, kl_in)``, the squared shift of the step
-mean from the sampler's and the step's std.
+mean from the sampler's and the step's std. Under flow_grpo's KL convention (`--kl-convention flow_grpo`, image
+SDE steps) the KL of each element is the exact one times its step's |dt| (``batch.step_dt``).
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def ppo_update(policy, optimizer: torch.optim.Optimizer, module: torch.nn.Module
                             with torch.no_grad():
                                 ref_cache[chunk.key] = elements.reference_out(batch.rollout, chunk)
                         kl = elements.kl(kl_in, ref_cache[chunk.key])
+                        if getattr(cfg, "kl_convention", "exact") == "flow_grpo":
+                            kl = kl * batch.step_dt[rows, cols].to(kl.device, kl.dtype)
                         elem = elem + cfg.beta * kl
                         if epoch == 0:
                             sums["kl"] += float((w * kl.detach()).sum()) / dist.world_size

@@ -244,3 +244,46 @@ def test_dance_grpo_defaults_to_its_own_step_noise_and_std_and_explicit_values_w
     r = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
     adv = compute_advantages("grpo", r, torch.zeros(4, dtype=torch.long), **cfg.advantage_options).advantages
     assert torch.allclose(adv, (r - 3) / (math.sqrt(14 / 3) + 1e-8), rtol=1e-12)
+
+
+# ---- flow_grpo's KL convention ---------------------------------------------------------------------------------------
+def test_flow_grpo_kl_convention_is_flow_grpos_formula(tiny_model, tmp_path):
+    """scripts/train_sd3.py: kl = mean((mu - mu_ref)^2) / (2 std_dev_t^2), std_dev_t = sqrt(t / (1 - t)) a (no
+    sqrt(dt)): per element the exact KL times the step's dt, which the update applies; one trained step here, so the
+    two runs' KL metrics differ by exactly that factor."""
+    from flowgrpo.core import AdvantageResult
+    from flowgrpo.settings import GRPOSettings
+    from flowgrpo.update import ppo_update
+    from tests.helpers import single
+
+    cfg = _cfg(tiny_model, tmp_path, strategy="flow_grpo", num_steps=5, sde_steps=1, noise_level=0.7, beta=0.1)
+    policy = FlowPolicy.from_pretrained(tiny_model, micro_batch=4, dtype=torch.float64)
+    strategy = strategy_of(cfg, policy)
+    ro = strategy.rollout(make_plan(PROMPTS, 4))
+    policy.freeze_reference()
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    batch = strategy.update_batch(ro, AdvantageResult(torch.zeros(12, dtype=torch.float64), torch.ones(12, dtype=torch.bool), {}))
+    sigma, sigma_next = ro.sigmas[0], ro.sigmas[1]
+    assert torch.equal(batch.step_dt, torch.full((12, 1), float(sigma - sigma_next), dtype=batch.step_dt.dtype))
+    # the reference's std_dev_t by its own formula (t = 1 clamped to sigma_max = sigmas[1]) against ours / sqrt(dt)
+    _, mean, std = policy.step_log_prob(ro, slice(None), 0, grad=False)
+    clamped = float(sigma_next) if float(sigma) == 1 else float(sigma)  # sigma_max = sigmas[1] at t = 1
+    std_dev_t = math.sqrt(float(sigma) / (1 - clamped)) * 0.7
+    assert float(torch.as_tensor(std).flatten()[0]) / math.sqrt(float(sigma - sigma_next)) == pytest.approx(std_dev_t)
+    with policy.reference() as ref:
+        ref_mean = policy.step_log_prob(ro, slice(None), 0, transformer=ref, grad=False)[1]
+    theirs = float(((mean - ref_mean) ** 2).flatten(1).mean(dim=1).mean() / (2 * std_dev_t ** 2))
+    kl = {}
+    for convention in ("exact", "flow_grpo"):
+        settings = TrainConfig(**{**{k: getattr(cfg, k) for k in ("model", "out", "prompts_per_iter", "group_size",
+                                                                    "micro_batch", "beta")}, "kl_convention": convention,
+                                  "strategy": "flow_grpo", "judge": ""})
+        optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
+        kl[convention] = ppo_update(policy, optimizer, policy.trainable_module(), batch, settings, settings.layout(1),
+                                    single())["kl"]
+    assert kl["flow_grpo"] == pytest.approx(theirs, rel=1e-6)  # the loss weights are fp32
+    assert kl["flow_grpo"] == pytest.approx(kl["exact"] * float(sigma - sigma_next), rel=1e-6)
+    with pytest.raises(ConfigError, match="kl_convention flow_grpo is a convention for SDE steps"):
+        _cfg(tiny_model, tmp_path, strategy="diffusion_nft", kl_convention="flow_grpo")

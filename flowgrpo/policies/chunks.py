@@ -44,3 +44,5 @@ class UpdateBatch:
     elements: Any = None
     # GRPO-Guard: the PPO ratio from `normalised_log_ratio`, with the elements' ``mean_shift`` (Gaussian steps)
     ratio_norm: bool = False
+    # [b, S] sigma - sigma_next of each element's SDE step: flow_grpo's KL convention is the exact one times it
+    step_dt: Tensor | None = None

@@ -66,6 +66,7 @@ class RunContext:
     advantage: str = "grpo"  # the advantage estimator's name
     judge: str = ""  # Pref-GRPO's pairwise judge ('' = pointwise advantages)
     sharding: str = "ddp"
+    kl_convention: str = "exact"  # flow_grpo: the SDE step's KL times its |dt|
 
 
 def initial_noise(sampling: Sampling, plan, shape: tuple[int, ...], groups: Tensor | None = None) -> Tensor:
@@ -175,8 +176,9 @@ class FlowStrategy(Strategy):
 
     def update_batch(self, ro, adv: AdvantageResult) -> UpdateBatch:
         s = ro.train_steps.shape[1]
+        dt = ro.sigmas[ro.train_steps] - ro.sigmas[ro.train_steps + 1]
         return UpdateBatch(ro, torch.ones(len(ro), s), adv.advantages, adv.valid, ro.trained_log_probs(), max_len=s,
-                           ratio_norm=self.sampling.grpo_guard)
+                           ratio_norm=self.sampling.grpo_guard, step_dt=dt)
 
     def schedule(self, plan) -> Tensor:
         """The iteration's sigmas: the model's grid, or (schedule jitter) the fine grid at a shared random offset."""

@@ -41,6 +41,9 @@ class CoGRPO(Strategy):
 
     @classmethod
     def check(cls, options: CoGRPOOptions, sampling: Sampling, run: RunContext) -> None:
+        if run.kl_convention != "exact":
+            raise ValueError(f"kl_convention {run.kl_convention} is a convention for SDE steps; co_grpo's KL is "
+                             "over token draws")
         if sampling.grpo_guard:
             raise ValueError("grpo_guard normalises the ratios of Gaussian SDE steps; co_grpo's steps are token draws")
         if options.mode not in MODES:

@@ -107,6 +107,9 @@ class ForwardStrategy(Strategy):
     def check(cls, options, sampling: Sampling, run) -> None:
         if options.ode_solver not in ODE_SOLVERS:
             raise ValueError(f"{cls.name}.ode_solver {options.ode_solver!r} is not one of {ODE_SOLVERS}")
+        if run.kl_convention != "exact":
+            raise ValueError(f"kl_convention {run.kl_convention} is a convention for SDE steps; {cls.name}'s KL is "
+                             "the velocity's distance to the reference")
         if sampling.grpo_guard:
             raise ValueError(f"grpo_guard normalises the ratios of SDE steps; {cls.name} trains the forward process "
                              "and has no ratio")
