@@ -227,6 +227,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="images per test entry in the re-evaluation (300 entries)")
     ap.add_argument("--guidances", nargs="+", type=float, default=[4.5], help="CFG scales of the re-evaluation")
     ap.add_argument("--eval-seed", type=int, default=4321, help="noise of the re-evaluation (fresh: no run uses it)")
+    ap.add_argument("--eval-threads", type=int, default=2, help="threads of the re-evaluation")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +254,7 @@ def main() -> None:
                             args.run_eval_images), args.out / f"{name}-seed{s}") for name, s in pairs], args.parallel)
     from flowgrpo.assets import SHAPES_MODEL
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.eval_threads)
     models = {"base": SHAPES_MODEL}  # the fresh noise does not depend on the run: one base evaluation serves all
     models.update({f"{name}-seed{s}": args.out / f"{name}-seed{s}" / "final" for name, s in pairs})
     fresh = reevaluate(models, args.out / "fresh_eval.json", args.n, args.eval_seed, args.guidances)
