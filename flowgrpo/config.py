@@ -206,12 +206,27 @@ PRESETS: dict[str, dict] = {
     "shapes-mdm": dict(model=str(SHAPES_MDM), strategy="co_grpo", num_steps=24, prompts_per_iter=8, group_size=6,
                        micro_batch=24, co_grpo=dict(model_steps=4, schedule_lr=1e-2), lr=1e-5, beta=0.0,
                        iterations=100, eval_every=50, out="runs/shapes-mdm"),
-    # Real models read from a local directory (pass --model PATH); values follow Flow-GRPO's GenEval recipes.
-    "sd35-medium": dict(model="", strategy="flow_grpo", sde_steps=0, precision="bf16", height=512, width=512,
-                        lora_rank=32, micro_batch=4, prompts_per_iter=4, group_size=8, num_steps=10, eval_num_steps=40,
-                        guidance=4.5, noise_level=0.7, lr=3e-4, clip_low=1e-4, clip_high=1e-4, beta=0.004,
-                        reward="shapes", prompts="prompts.jsonl", eval_prompts="prompts.jsonl", out="runs/sd35-grpo",
-                        max_minutes=0.0, iterations=2000, family_options={"max_sequence_length": 128}),
+    # Real models read from a local directory (pass --model PATH and the task's --reward / --prompts).
+    # Flow-GRPO's SD3.5-M GenEval recipe (yifan123/flow_grpo config/grpo.py geneval_sd3 over config/base.py, and
+    # scripts/train_sd3.py). Where it departs: bf16 autocast for its fp16 mixed precision; its last step is sampled
+    # with noise but not trained, here it is an ODE step (sde_steps 9).
+    "sd35-medium": dict(
+        model="", strategy="flow_grpo", precision="bf16", height=512, width=512,  # grpo.py: resolution 512
+        lora_rank=32, lora_alpha=64,  # train_sd3.py: LoraConfig(r=32, lora_alpha=64, gaussian init)
+        num_steps=10, eval_num_steps=40, guidance=4.5,  # grpo.py: sample.num_steps, eval_num_steps, guidance_scale
+        sde_steps=9,  # grpo.py: train.timestep_fraction 0.99 -> int(10 x 0.99) = 9, the first 9 steps trained
+        noise_level=0.7,  # base.py: sample.noise_level 0.7
+        group_size=24, prompts_per_iter=48,  # grpo.py: num_image_per_prompt 24, 48 prompts per epoch
+        micro_batch=9, optimizer_steps=2,  # grpo.py: train_batch_size 9; gradient_accumulation = batches / 2
+        lr=3e-4, weight_decay=1e-4, grad_clip=1.0,  # base.py: learning_rate, adam_weight_decay, max_grad_norm
+        clip_low=1e-4, clip_high=1e-4, adv_clip=5.0,  # base.py: clip_range 1e-4, adv_clip_max 5
+        beta=0.04, kl_convention="flow_grpo",  # grpo.py: train.beta 0.04 on train_sd3.py's KL / (2 std_dev_t^2)
+        advantage_options={"scale": "batch"},  # grpo.py: sample.global_std True
+        zero_std="drop",  # train_sd3.py: samples whose advantages are all zero are filtered out
+        ema_decay=0.9 ** 0.25,  # train_sd3.py: EMAModuleWrapper(decay 0.9, update_step_interval 8): 8 of its
+        # optimizer steps are 4 iterations here, so 0.9 per 4 iterations
+        reward="shapes", prompts="prompts.jsonl", eval_prompts="prompts.jsonl", out="runs/sd35-grpo",
+        max_minutes=0.0, iterations=2000, family_options={"max_sequence_length": 128}),
     # DiffusionNFT's SD3.5-M GenEval recipe (NVlabs/DiffusionNFT config/nft.py sd3_geneval over config/base.py, and
     # scripts/train_nft_sd3.py); pass --model PATH and --reward / --prompts of the task.
     "sd35-medium-nft": dict(

@@ -507,3 +507,21 @@ def test_eval_guidance_reports_the_base_and_trained_models_at_both_scales(tiny_m
     assert (tmp_path / "both" / "eval" / "iter00001-cfg1" / "grid.png").is_file()
     with pytest.raises(ConfigError, match="eval_guidance"):
         TrainConfig(eval_guidance=-1.0)
+
+
+# Flow-GRPO's geneval_sd3 (config/grpo.py over config/base.py, scripts/train_sd3.py at ac4c86e), value by value:
+# 32 GPUs x 9 per batch over 24 images per prompt is 12 prompts a batch, 4 batches = 48 prompts an epoch, gradient
+# accumulation over half of them = 2 optimizer steps; int(10 x 0.99) = 9 trained steps.
+FLOW_GRPO_GENEVAL_SD3 = dict(
+    strategy="flow_grpo", num_steps=10, eval_num_steps=40, guidance=4.5, height=512, width=512, sde_steps=9,
+    noise_level=0.7, group_size=24, prompts_per_iter=48, micro_batch=9, optimizer_steps=2, inner_epochs=1,
+    lr=3e-4, weight_decay=1e-4, grad_clip=1.0, clip_low=1e-4, clip_high=1e-4, adv_clip=5.0, beta=0.04,
+    kl_convention="flow_grpo", advantage="grpo", advantage_options={"scale": "batch"}, zero_std="drop",
+    lora_rank=32, lora_alpha=64, ema_decay=0.9 ** 0.25,
+)
+
+
+def test_the_sd35_medium_preset_is_flow_grpos_geneval_recipe():
+    cfg = make_config("sd35-medium", overrides={"model": "m"})
+    assert {k: getattr(cfg, k) for k in FLOW_GRPO_GENEVAL_SD3} == FLOW_GRPO_GENEVAL_SD3
+    assert cfg.layout(1).rows_per_step == 48 * 24 // 2  # 576 samples per optimizer step, as 32 GPUs x 9 x 2
