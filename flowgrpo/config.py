@@ -30,6 +30,7 @@ __all__ = ["ConfigError", "PRESETS", "TrainConfig", "add_arguments", "check_tag_
 SDE_KINDS = ("flow_sde", "dance_sde", "cps")
 OLD_SDE_KINDS = {"flow_grpo": "flow_sde", "dance": "dance_sde"}  # read, with a warning, for one more release
 PRECISIONS = ("fp32", "bf16")
+KL_CONVENTIONS = ("exact", "flow_grpo")
 MODEL_KINDS = {"flow": "flow-matching", "mdm": "masked diffusion"}
 
 
@@ -292,9 +293,8 @@ def _coerce(name: str, value, default):
 
 
 # Options that were flat before each strategy owned its own: old name -> (strategy, option). The old names are read,
-# with a warning, for one more release. `train_steps` was DanceGRPO's trained steps, or a masked diffusion model's
-# Co-GRPO model steps.
-KL_CONVENTIONS = ("exact", "flow_grpo")
+# with a warning, for one more release. `train_steps` is read as Co-GRPO's model steps (DanceGRPO's count of trained
+# steps became its timestep_fraction, which the old integer does not translate to).
 MOVED = {
     "window_shift_every": ("mixgrpo", "window_shift_every"), "window_stride": ("mixgrpo", "window_stride"),
     "window_end": ("mixgrpo", "window_end"), "ode_solver": ("mixgrpo", "ode_solver"),
@@ -372,10 +372,10 @@ def _strategy_defaults(values: dict) -> None:
     cls = STRATEGIES.get(values.get("strategy") or "")
     if cls is None:
         return
-    for key, value in getattr(cls, "run_defaults", {}).items():
+    for key, value in cls.run_defaults.items():
         values.setdefault(key, value)
     if values.get("advantage", "grpo") == "grpo" and "advantage_options" not in values:
-        values["advantage_options"] = dict(getattr(cls, "grpo_defaults", {}))
+        values["advantage_options"] = dict(cls.grpo_defaults)
 
 
 def _merge(values: dict, later: dict) -> None:

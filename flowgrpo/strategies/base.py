@@ -99,6 +99,10 @@ class Strategy:
     kind: ClassVar[str] = ""  # the policies it trains, and the checkpoints it resumes
     Options: ClassVar[type] = NoOptions
     reward_weights = None  # one reward: the trainer logs it as it is
+    # the run settings `make_config` gives this strategy where the preset, YAML and command line give none, and the
+    # grpo estimator's options it brings (its paper's values)
+    run_defaults: ClassVar[dict] = {}
+    grpo_defaults: ClassVar[dict] = {}
 
     @classmethod
     def check(cls, options, sampling: Sampling, run: RunContext) -> None:
