@@ -19,7 +19,7 @@ from PIL import Image
 
 from flowgrpo.rewards import build_judge, build_reward, preference_matrix
 from flowgrpo.rewards.http_client import HttpStatusError
-from flowgrpo.rewards.vlm import parse_score, parse_verdict
+from flowgrpo.rewards.vlm import VlmPairwiseJudge, parse_score, parse_verdict
 
 
 def brightness_of(data_url):
@@ -131,6 +131,8 @@ def test_parse_score_and_verdict_hand_cases():
     assert strict("<answer>hard to say</answer>") is None
     with pytest.raises(ValueError, match="verdict rule"):
         parse_verdict("x", rule="loose")
+    with pytest.raises(ValueError, match="verdict_rule must be one of"):
+        VlmPairwiseJudge("http://127.0.0.1:9", "m", verdict_rule="loose")
 
 
 # UnifiedReward-style replies and Pref-GRPO's verdict for each (_pairwise_win_rate: _extract_answer, then

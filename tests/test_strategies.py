@@ -287,3 +287,5 @@ def test_flow_grpo_kl_convention_is_flow_grpos_formula(tiny_model, tmp_path):
     assert kl["flow_grpo"] == pytest.approx(kl["exact"] * float(sigma - sigma_next), rel=1e-6)
     with pytest.raises(ConfigError, match="kl_convention flow_grpo is a convention for SDE steps"):
         _cfg(tiny_model, tmp_path, strategy="diffusion_nft", kl_convention="flow_grpo")
+    with pytest.raises(ConfigError, match=r"kl_convention 'flowgrpo' is not one of \('exact', 'flow_grpo'\)"):
+        _cfg(tiny_model, tmp_path, strategy="flow_grpo", kl_convention="flowgrpo")
